@@ -1,0 +1,1 @@
+"""The mechanisms (attention hooks, banks, injection modules), shared by nodes and trainers."""

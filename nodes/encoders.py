@@ -1,0 +1,3 @@
+"""Placeholder: filled in by the image-nodes work."""
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}

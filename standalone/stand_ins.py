@@ -1,0 +1,72 @@
+"""Stand-ins for weights a workflow names but this machine lacks: the embedded tiny / random-weight models.
+
+Used by the demo (when the user has no real weights) and by the workflow tests (always). A stand-in keeps the
+architecture the loader expects, so the stock loaders and our nodes take the same code path as with real
+weights; only the numbers are meaningless.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import tiny_models
+
+# (node type, input name) -> model folder the file is looked up in
+LOADER_INPUTS = {
+    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+    ("CLIPVisionLoader", "clip_name"): "clip_vision",
+}
+
+
+@dataclass
+class Substitution:
+    node_id: str
+    node_type: str
+    input_name: str
+    wanted: str
+    stand_in: str
+
+
+def _build_stand_in(folder: str, wanted: str, cache: Path) -> str:
+    lowered = wanted.lower()
+    if folder == "checkpoints":
+        inpainting = "inpaint" in lowered
+        name = "tiny_sd15_inpainting.safetensors" if inpainting else "tiny_sd15.safetensors"
+        tiny_models.build_sd15_checkpoint(cache / folder / name, inpainting=inpainting)
+        return name
+    if folder == "clip_vision":
+        kind = "dinov2_large" if "dino" in lowered else "clip_vit_l"
+        name = f"random_{kind}.safetensors"
+        tiny_models.build_full_layout_vision_file(cache / folder / name, kind)
+        return name
+    raise KeyError(f"no stand-in is known for the model folder {folder!r}")
+
+
+def missing_weights(prompt: dict) -> list[tuple[str, str, str, str]]:
+    """(node id, node type, input name, file name) of every loader input whose file is not installed."""
+    import folder_paths
+
+    missing = []
+    for node_id, node in prompt.items():
+        for (node_type, input_name), folder in LOADER_INPUTS.items():
+            if node["class_type"] == node_type and isinstance(node["inputs"].get(input_name), str):
+                wanted = node["inputs"][input_name]
+                if folder_paths.get_full_path(folder, wanted) is None:
+                    missing.append((node_id, node_type, input_name, wanted))
+    return missing
+
+
+def substitute_stand_ins(prompt: dict, cache: Path | None = None) -> tuple[dict, list[Substitution]]:
+    """A copy of prompt whose missing weights point at stand-ins (built on first use into cache)."""
+    import folder_paths
+
+    cache = Path(cache or tiny_models.default_cache_dir())
+    prompt = {nid: {**node, "inputs": dict(node["inputs"])} for nid, node in prompt.items()}
+    done = []
+    for node_id, node_type, input_name, wanted in missing_weights(prompt):
+        folder = LOADER_INPUTS[(node_type, input_name)]
+        stand_in = _build_stand_in(folder, wanted, cache)
+        folder_paths.add_model_folder_path(folder, str(cache / folder))
+        prompt[node_id]["inputs"][input_name] = stand_in
+        done.append(Substitution(node_id, node_type, input_name, wanted, stand_in))
+    return prompt, done

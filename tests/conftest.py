@@ -1,0 +1,95 @@
+"""Shared fixtures: a real ComfyUI host with the pack loaded by ComfyUI's own loader, and tiny models.
+
+The host is found by standalone.host (COMFYUI_PATH, else the ComfyUI around the pack). Heavy artefacts (tiny
+checkpoints, full-layout vision files) are built once per test session into a cache folder keyed by the
+builder version, so a second session on the same machine reuses them.
+"""
+import os
+import sys
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(PACK_ROOT))  # behind ComfyUI, see standalone/host.py
+
+from standalone.host import bootstrap  # noqa: E402
+
+bootstrap()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from standalone import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir() -> Path:
+    path = tiny_models.default_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tiny_cache_dir, tmp_path_factory):
+    """A models layout holding the tiny weights, registered with folder_paths like extra_model_paths.yaml."""
+    checkpoints = tiny_cache_dir / "checkpoints"
+    tiny_models.build_sd15_checkpoint(checkpoints / "tiny_sd15.safetensors")
+    tiny_models.build_sd15_checkpoint(checkpoints / "tiny_sd15_inpainting.safetensors", inpainting=True)
+    return {"checkpoints": checkpoints}
+
+
+@pytest.fixture(scope="session")
+def clip_vision_dir(tiny_cache_dir):
+    """Full-layout CLIP ViT-L/14 and DINOv2-large files with random weights, for the stock CLIPVisionLoader."""
+    folder = tiny_cache_dir / "clip_vision"
+    tiny_models.build_full_layout_vision_file(folder / "random_clip_vit_l.safetensors", "clip_vit_l")
+    tiny_models.build_full_layout_vision_file(folder / "random_dinov2_large.safetensors", "dinov2_large")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def comfy(model_dirs, clip_vision_dir, tmp_path_factory):
+    """ComfyUI's `nodes` module, with the built-in extra nodes and this pack loaded by ComfyUI's own loader."""
+    from standalone.runner import init_comfyui
+
+    out = tmp_path_factory.mktemp("comfy_output")
+    inp = tmp_path_factory.mktemp("comfy_input")
+    return init_comfyui(PACK_ROOT, output_dir=out, input_dir=inp,
+                        extra_model_dirs={**model_dirs, "clip_vision": clip_vision_dir})
+
+
+@pytest.fixture(scope="session")
+def pack_nodes(comfy):
+    """NODE_CLASS_MAPPINGS restricted to the nodes this pack registered."""
+    import nodes as comfy_nodes
+
+    return {name: cls for name, cls in comfy_nodes.NODE_CLASS_MAPPINGS.items()
+            if getattr(cls, "RELATIVE_PYTHON_MODULE", "").endswith("." + PACK_ROOT.name)}
+
+
+@pytest.fixture(scope="session")
+def output_dir(comfy):
+    import folder_paths
+
+    return Path(folder_paths.get_output_directory())
+
+
+@pytest.fixture
+def tiny_clip_vision():
+    return tiny_models.tiny_clip_vision(seed=0)
+
+
+@pytest.fixture
+def tiny_dinov2():
+    return tiny_models.tiny_dinov2(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def pack_module(comfy):
+    """The pack's package as ComfyUI's loader imported it (its module name is the pack path)."""
+    return sys.modules[str(PACK_ROOT).replace(".", "_x_")]
