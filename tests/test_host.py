@@ -65,10 +65,13 @@ def test_trainer_entry_point_keeps_comfyuis_nodes_module(comfy):
 
 def test_pack_root_on_sys_path_first_would_shadow_and_bootstrap_fixes_it(comfy):
     """The failure bootstrap guards against is real: plain `import nodes` from the pack root finds ours."""
-    code = "import nodes, sys; print(nodes.__file__)"
-    plain = subprocess.run([sys.executable, "-c", code], cwd=PACK_ROOT, capture_output=True, text=True,
+    # Resolve without executing: the pack's node modules use relative imports and import ComfyUI, so running
+    # them as a top-level package outside ComfyUI fails, which is the point.
+    where = "import importlib.util; print(importlib.util.find_spec('nodes').origin)"
+    plain = subprocess.run([sys.executable, "-c", where], cwd=PACK_ROOT, capture_output=True, text=True,
                            env=_env(), timeout=60)
-    assert plain.stdout.strip() == str(PACK_ROOT / "nodes" / "__init__.py")
+    assert plain.stdout.strip() == str(PACK_ROOT / "nodes" / "__init__.py"), plain.stderr
+    code = "import nodes, sys; print(nodes.__file__)"
     fixed = subprocess.run([sys.executable, "-c", "import train; " + code], cwd=PACK_ROOT, capture_output=True,
                            text=True, env=_env(), timeout=120)
     assert fixed.returncode == 0, fixed.stderr
