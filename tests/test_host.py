@@ -65,10 +65,12 @@ def test_trainer_entry_point_keeps_comfyuis_nodes_module(comfy):
 
 def test_pack_root_on_sys_path_first_would_shadow_and_bootstrap_fixes_it(comfy):
     """The failure bootstrap guards against is real: plain `import nodes` from the pack root finds ours."""
-    code = "import nodes, sys; print(nodes.__file__)"
-    plain = subprocess.run([sys.executable, "-c", code], cwd=PACK_ROOT, capture_output=True, text=True,
+    # find, not import: our nodes/ uses relative imports into the pack, which only work inside the pack package
+    find = "import importlib.util; print(importlib.util.find_spec('nodes').origin)"
+    plain = subprocess.run([sys.executable, "-c", find], cwd=PACK_ROOT, capture_output=True, text=True,
                            env=_env(), timeout=60)
     assert plain.stdout.strip() == str(PACK_ROOT / "nodes" / "__init__.py")
+    code = "import nodes, sys; print(nodes.__file__)"
     fixed = subprocess.run([sys.executable, "-c", "import train; " + code], cwd=PACK_ROOT, capture_output=True,
                            text=True, env=_env(), timeout=120)
     assert fixed.returncode == 0, fixed.stderr
