@@ -1,0 +1,60 @@
+"""One extra pass of the same UNet on a reference latent noised to the current sigma (subject or reference).
+
+Used inside sampling (from a ``calc_cond_batch`` wrapper) and by trainers: the latent is noised with the
+model's own ``noise_scaling`` and a seeded generator, so the pass is reproducible per seed and step, and it
+carries the sampler's patches but no ControlNet residuals.
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+
+
+def step_seed(seed: int, sigma: float) -> int:
+    """A seed for one step, derived from the user's seed and the step's sigma (no schedule lookup needed)."""
+    bits = struct.unpack("<Q", struct.pack("<d", float(sigma)))[0]
+    return (int(seed) * 1_000_003 + bits) % (2 ** 63)
+
+
+def seeded_noise(shape, seed: int, sigma: float, device, dtype=torch.float32) -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(step_seed(seed, sigma))
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+
+
+def noised(base_model, latent: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``latent`` (model space, i.e. after process_latent_in) forward-noised to ``sigma`` the way samplers do."""
+    return base_model.model_sampling.noise_scaling(sigma.view(-1).to(latent), noise, latent)
+
+
+def inpaint_concat(latent: torch.Tensor, known: bool) -> torch.Tensor:
+    """The 5 extra channels of a 9-channel inpainting UNet for a reference latent: [mask, masked-image latent].
+
+    ``known=True``: mask 0 and the clean latent — the reference is fully visible, as the scene is outside its
+    region, so the pass's features stay anchored to the clean subject at every noise level.
+    ``known=False``: mask 1 and a blank latent — the whole reference is "to be painted".
+    """
+    b, _, h, w = latent.shape
+    if known:
+        return torch.cat([torch.zeros(b, 1, h, w, dtype=latent.dtype, device=latent.device), latent], dim=1)
+    return torch.cat([torch.ones(b, 1, h, w, dtype=latent.dtype, device=latent.device),
+                      torch.zeros_like(latent)], dim=1)
+
+
+def run_reference_pass(base_model, x: torch.Tensor, sigma: torch.Tensor, *, context: torch.Tensor,
+                       transformer_options: dict, concat: torch.Tensor | None = None,
+                       stop: type[BaseException] | None = None) -> torch.Tensor | None:
+    """Run ``base_model.apply_model`` on an already-noised reference ``x`` as a conditional (cond) row.
+
+    ``transformer_options`` is the sampler's (its patches apply) plus the status the patches react to. A
+    ``stop`` exception raised by a patch once it has what it needs ends the pass early (returns None).
+    """
+    options = {**transformer_options, "cond_or_uncond": [0], "sigmas": sigma.view(-1)[:1],
+               "uuids": [None]}
+    try:
+        return base_model.apply_model(x, sigma.view(-1)[:1].expand(x.shape[0]), c_concat=concat,
+                                      c_crossattn=context, transformer_options=options)
+    except Exception as e:
+        if stop is not None and isinstance(e, stop):
+            return None
+        raise

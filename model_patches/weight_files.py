@@ -1,0 +1,90 @@
+"""The pack's weight files: safetensors with metadata, written atomically, read with clear errors.
+
+Every file carries ``method``, ``format_version`` and ``base_architecture`` in its safetensors metadata, plus
+whatever the method adds (training config, trigger word, layers). Readers refuse another method's file, a newer
+format, or a truncated/corrupt file with a message that names the file and what was expected.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class WeightFileError(ValueError):
+    """A weight file is missing, corrupt, of another method/architecture/version, or lacks keys."""
+
+
+def save_weights(path, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """Write ``tensors`` with string metadata to ``path`` atomically (temporary file, then rename)."""
+    import safetensors.torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                    metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_metadata(path) -> dict[str, str]:
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise WeightFileError(f"weight file not found: {path}") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or non-safetensors files
+        raise WeightFileError(f"{Path(path).name} is not a readable safetensors file ({e})") from None
+
+
+def load_weights(path, *, method: str, supported_version: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of one of our files, after checking it belongs to ``method`` and is not newer."""
+    import safetensors.torch
+
+    metadata = read_metadata(path)
+    name = Path(path).name
+    found = metadata.get("method")
+    if found != method:
+        what = f"a {found!r} file" if found else "a file without the pack's metadata (not exported by our trainer)"
+        raise WeightFileError(f"{name} is {what}; expected {method!r} weights")
+    try:
+        version = int(metadata.get("format_version", "0"))
+    except ValueError:
+        raise WeightFileError(f"{name} has a malformed format_version {metadata.get('format_version')!r}") from None
+    if not 1 <= version <= supported_version:
+        raise WeightFileError(f"{name} has {method} format version {version}; this pack reads versions "
+                              f"1..{supported_version} — update the pack")
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except Exception as e:
+        raise WeightFileError(f"{name} could not be read ({e})") from None
+    return tensors, metadata
+
+
+def require_keys(tensors: dict, keys, source: str) -> None:
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise WeightFileError(f"{source} lacks {len(missing)} required tensors, e.g. {missing[:3]}")
+
+
+def metadata_json(metadata: dict, key: str, default=None):
+    value = metadata.get(key)
+    if value is None:
+        return default
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
