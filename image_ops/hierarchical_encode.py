@@ -67,7 +67,7 @@ def _at_size(pixels: torch.Tensor, size: int, what: str):
 
 @torch.no_grad()
 def _encode(clip_vision, subject, layers, background, final_norm, chunk_size, progress):
-    """Groups {layer: [B,T,D]} of the subjects and, with a background, its class tokens [B, L, D]."""
+    """The subjects' groups (one [B,T,D] per layer) and, with a background, its class tokens [B, L, D]."""
     batch = subject.shape[0]
     paired = background is not None and background.shape[0] == batch and batch > 1
     if background is not None and background.shape[0] not in (1, batch):
