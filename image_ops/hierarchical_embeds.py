@@ -29,6 +29,8 @@ class HierarchicalEmbeds:
             raise ValueError(f"{len(self.groups)} token groups for {len(self.layers)} layers")
         if self.background is not None and self.background.shape[1] != len(self.layers):
             raise ValueError(f"background carries {self.background.shape[1]} tokens for {len(self.layers)} layers")
+        if self.background is not None and self.background.shape[0] != self.groups[0].shape[0]:
+            raise ValueError(f"{self.background.shape[0]} background rows for {self.groups[0].shape[0]} subjects")
 
     @property
     def batch_size(self) -> int:

@@ -81,7 +81,7 @@ def quarter_layers(depth: int, count: int = 4) -> tuple[int, ...]:
     """Layers at the depth fractions 1/count … count/count: (6, 12, 18, 24) for a 24-block model."""
     if count < 1 or count > depth:
         raise VisionModelError(f"cannot pick {count} evenly spaced layers from a {depth}-layer model")
-    return tuple(round(depth * (k + 1) / count) for k in range(count))
+    return tuple((depth * (k + 1) + count // 2) // count for k in range(count))  # halves round up
 
 
 def check_layers(layers, depth: int) -> tuple[int, ...]:

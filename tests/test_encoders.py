@@ -24,7 +24,7 @@ def test_clip_default_layers_for_several_depths():
     assert clip_default_layers(24) == (6, 12, 18, 23, 24)
     assert clip_default_layers(32) == (8, 16, 24, 31, 32)
     assert clip_default_layers(12) == (3, 6, 9, 11, 12)
-    assert clip_default_layers(6) == (2, 3, 4, 5, 6)
+    assert clip_default_layers(6) == (2, 3, 5, 6)  # the third quarter point is the penultimate layer
     assert clip_default_layers(3) == (1, 2, 3)
 
 
@@ -135,11 +135,11 @@ def test_clip_groups_equal_comfyui_forward_and_concatenate(tiny_clip_vision):
     with BlockCalls(tiny_clip_vision) as calls:
         embeds = encode_clip_hierarchical(tiny_clip_vision, images)
     assert calls.blocks == [1] * 6
-    assert embeds.kind == vf.CLIP and embeds.layers == (2, 3, 4, 5, 6) and embeds.input_size == (224, 224)
+    assert embeds.kind == vf.CLIP and embeds.layers == (2, 3, 5, 6) and embeds.input_size == (224, 224)
     for layer, group in zip(embeds.layers, embeds.groups):
         torch.testing.assert_close(group, direct_layer(tiny_clip_vision, images, layer), atol=ATOL, rtol=RTOL)
     joined = embeds.concatenated()
-    assert joined.shape == (2, 257, 5 * 64)
+    assert joined.shape == (2, 257, 4 * 64)
     torch.testing.assert_close(joined[..., 64:128], embeds.groups[1])
 
 
