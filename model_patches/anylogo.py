@@ -15,7 +15,8 @@ import torch
 from . import extra_pass
 from .image_context import POSITIVE_COND_KEY, ImageContextPatch
 from .recycling import (STATUS_KEY, AttentionRecorder, Extraction, Generation, SignatureBank, StopExtraction,
-                        foreign_replacements, install_recycling)
+                        install_recycling, replacements_at_call_time,
+                        with_attn1_replacements)
 from .unet_layout import DECODER, ENCODER, MIDDLE, TransformerSlot, select_slots
 
 POSITIONS = {"decoder": (DECODER,), "encoder": (ENCODER,), "encoder+decoder": (ENCODER, DECODER)}
@@ -126,11 +127,14 @@ class AnyLogoPatch:
         options["transformer_options"] = transformer_options
         if positive is None or not self.active(sigma):
             return executor(model, conds, x_in, timestep, options)
-        lost = foreign_replacements(model_options, self.slots)
+        lost, takeovers = replacements_at_call_time(model_options, self.slots)
         if lost:
-            raise RuntimeError("AnyLogo: another node patched self-attention after AnyLogo was applied, on "
-                               + ", ".join(lost) + ". Apply AnyLogo last (after SAG, PAG, attention couple, …) "
-                               "so both run.")
+            raise RuntimeError("AnyLogo: another node replaced self-attention after AnyLogo was applied, on "
+                               + ", ".join(lost) + ". Apply AnyLogo last (after SAG, attention couple, …) so "
+                               "both run.")
+        if takeovers:
+            options = with_attn1_replacements(options, takeovers)
+            transformer_options = options["transformer_options"]
         run = self._runs[-1] if self._runs else _Run(None)
         try:
             if run.bank is None or run.sigma != sigma:

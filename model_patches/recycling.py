@@ -194,14 +194,30 @@ def install_recycling(model_patcher, slots: list[TransformerSlot]) -> None:
         model_patcher.set_model_attn1_replace(RecyclingAttention(slot, previous), *slot.key)
 
 
-def foreign_replacements(model_options, slots: list[TransformerSlot]) -> list[str]:
-    """Layers where something replaced or shadowed our attention after it was installed."""
+def replacements_at_call_time(model_options, slots: list[TransformerSlot]) -> tuple[list[str], dict]:
+    """Compare the attn1 replacements of one evaluation with ours.
+
+    Returns (layers where a later node overwrote our 3-tuple entry, {slot key: replacement} for layers where
+    this evaluation carries a 2-tuple ``(block, id)`` replacement we did not chain, e.g. PAG's perturbed pass).
+    The latter take their layer over for that evaluation: our 3-tuple key would otherwise shadow them.
+    """
     replace = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    lost = []
+    lost, takeovers = [], {}
     for slot in slots:
         ours = replace.get(slot.key)
         if not isinstance(ours, RecyclingAttention):
             lost.append(f"{slot.name} (replaced by {getattr(ours, '__qualname__', type(ours).__name__)})")
-        elif slot.key[:2] in replace and ours.previous is not replace[slot.key[:2]]:
-            lost.append(f"{slot.name} (a later ('{slot.block}', {slot.block_id}) patch would be shadowed)")
-    return lost
+            continue
+        two = replace.get(slot.key[:2])
+        if two is not None and ours.previous is not two:
+            takeovers[slot.key] = two
+    return lost, takeovers
+
+
+def with_attn1_replacements(model_options: dict, updates: dict) -> dict:
+    """A copy of model_options whose attn1 replacements have ``updates`` (the original is not touched)."""
+    transformer_options = dict(model_options.get("transformer_options", {}))
+    patches_replace = dict(transformer_options.get("patches_replace", {}))
+    patches_replace["attn1"] = {**patches_replace.get("attn1", {}), **updates}
+    transformer_options["patches_replace"] = patches_replace
+    return {**model_options, "transformer_options": transformer_options}
