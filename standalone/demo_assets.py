@@ -20,7 +20,53 @@ def two_badges_scene(size: tuple[int, int] = (384, 256)) -> Image.Image:
     return image
 
 
-DEMO_INPUTS = {"two_badges.png": two_badges_scene}
+def logo(size: int = 192) -> Image.Image:
+    """A flat two-colour logo with a glyph: the kind of subject AnyLogo inserts."""
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([size // 12, size // 12, size - size // 12, size - size // 12], fill=(20, 60, 170))
+    draw.text((size // 2, size // 2), "SC", fill=(250, 200, 30), font=ImageFont.load_default(size=size // 3),
+              anchor="mm")
+    return image
+
+
+def shirt_scene(size: tuple[int, int] = (256, 256)) -> Image.Image:
+    """A plain shirt on a wall: the scene a logo goes on."""
+    width, height = size
+    image = Image.new("RGB", size, (205, 200, 190))
+    draw = ImageDraw.Draw(image)
+    body = [width * 0.25, height * 0.2, width * 0.75, height * 0.95]
+    draw.polygon([(width * 0.1, height * 0.35), (body[0], body[1]), (body[2], body[1]), (width * 0.9, height * 0.35),
+                  (width * 0.8, height * 0.45), (body[2], height * 0.4), (body[2], body[3]), (body[0], body[3]),
+                  (body[0], height * 0.4), (width * 0.2, height * 0.45)], fill=(235, 235, 240))
+    return image
+
+
+def shirt_region(size: tuple[int, int] = (256, 256)) -> Image.Image:
+    """White where the logo goes (the chest of the shirt), black elsewhere."""
+    width, height = size
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).rectangle([width * 0.38, height * 0.38, width * 0.62, height * 0.62], fill=255)
+    return mask
+
+
+def product_photo(size: tuple[int, int] = (256, 256)) -> Image.Image:
+    """The logo placed on a grey canvas: the subject whose background outpainting regenerates."""
+    image = Image.new("RGB", size, (128, 128, 128))
+    image.paste(logo(size[1] // 2), (size[0] // 4, size[1] // 4))
+    return image
+
+
+def product_mask(size: tuple[int, int] = (256, 256)) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).rectangle([size[0] // 4, size[1] // 4, size[0] // 4 + size[1] // 2 - 1,
+                                    size[1] // 4 + size[1] // 2 - 1], fill=255)
+    return mask
+
+
+DEMO_INPUTS = {"two_badges.png": two_badges_scene, "anylogo_logo.png": logo, "shirt_scene.png": shirt_scene,
+               "shirt_region.png": shirt_region, "product_photo.png": product_photo,
+               "product_mask.png": product_mask}
 
 
 def write_demo_inputs(input_dir: Path | str) -> list[Path]:

@@ -15,6 +15,7 @@ from . import tiny_models
 LOADER_INPUTS = {
     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
     ("CLIPVisionLoader", "clip_name"): "clip_vision",
+    ("SC_AnyLogoLoader", "weights_name"): "anylogo",
 }
 
 
@@ -38,6 +39,10 @@ def _build_stand_in(folder: str, wanted: str, cache: Path) -> str:
         kind = "dinov2_large" if "dino" in lowered else "clip_vit_l"
         name = f"random_{kind}.safetensors"
         tiny_models.build_full_layout_vision_file(cache / folder / name, kind)
+        return name
+    if folder == "anylogo":
+        name = "random_anylogo_sd15_inpainting.safetensors"
+        tiny_models.build_anylogo_weights(cache / folder / name, inpainting=True)
         return name
     raise KeyError(f"no stand-in is known for the model folder {folder!r}")
 
@@ -70,3 +75,21 @@ def substitute_stand_ins(prompt: dict, cache: Path | None = None) -> tuple[dict,
         prompt[node_id]["inputs"][input_name] = stand_in
         done.append(Substitution(node_id, node_type, input_name, wanted, stand_in))
     return prompt, done
+
+
+# Widget values that only set how long a run takes. With stand-in models the pictures mean nothing, so the demo
+# and the tests run the shipped graph with these capped: same nodes, links and every other value.
+SPEED_CAPS = {("KSampler", "steps"): 3, ("KSamplerAdvanced", "steps"): 3, ("SC_AnyLogoApply", "subject_size"): 128}
+
+
+def cap_for_stand_ins(prompt: dict) -> tuple[dict, list[str]]:
+    """A copy of prompt with SPEED_CAPS applied, and a note per changed value."""
+    prompt = {nid: {**node, "inputs": dict(node["inputs"])} for nid, node in prompt.items()}
+    notes = []
+    for node_id, node in prompt.items():
+        for (node_type, input_name), cap in SPEED_CAPS.items():
+            value = node["inputs"].get(input_name)
+            if node["class_type"] == node_type and isinstance(value, int) and value > cap:
+                node["inputs"][input_name] = cap
+                notes.append(f"node {node_id} {node_type}.{input_name}: {value} -> {cap}")
+    return prompt, notes

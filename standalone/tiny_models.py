@@ -181,3 +181,36 @@ def default_cache_dir() -> Path:
     base = os.environ.get("SUBJECT_CUSTOMIZATION_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "comfyui-subject-customization")
     return Path(base) / f"tiny-models-v{BUILDER_VERSION}"
+
+
+def build_anylogo_weights(path: Path | str, *, inpainting: bool = True, seed: int = 0,
+                          image_width: int = 1024) -> Path:
+    """A random-weight AnyLogo file for the tiny SD1.5(-inpainting) checkpoint, in the format the trainer exports:
+    the UNet's cross-attention key/value weights (what changes most when DINOv2 tokens replace text) and a
+    1024→768 projection. It proves the loader and the conditioning path, not what trained weights do."""
+    import safetensors.torch
+    from model_patches.anylogo_weights import ARCHITECTURES, save_anylogo_weights
+    from model_patches.image_context import ImageProjection
+
+    path = Path(path)
+    if path.exists():
+        return path
+    base = build_sd15_checkpoint(path.parent.parent / "checkpoints" /
+                                 ("tiny_sd15_inpainting.safetensors" if inpainting else "tiny_sd15.safetensors"),
+                                 inpainting=inpainting)
+    prefix = "model.diffusion_model."
+    gen = torch.Generator().manual_seed(seed)
+    unet = {}
+    with safetensors.safe_open(str(base), framework="pt") as f:
+        for key in f.keys():
+            if key.startswith(prefix) and (".attn2.to_k." in key or ".attn2.to_v." in key):
+                weight = f.get_tensor(key).float()
+                unet[key[len(prefix):]] = (weight + 0.01 * torch.randn(weight.shape, generator=gen)).half()
+    projection = ImageProjection(image_width, 768)
+    _init_(projection, seed + 3)
+    save_anylogo_weights(path, unet, projection, {
+        "base_architecture": ARCHITECTURES[9 if inpainting else 4], "unet_in_channels": str(9 if inpainting else 4),
+        "image_encoder": "dinov2", "image_layers": [6, 12, 18, 24], "image_resolution": 224,
+        "recycling_positions": "decoder", "sparse_threshold": 0.6, "tiny_model": "random-anylogo",
+        "builder_version": str(BUILDER_VERSION)})
+    return path

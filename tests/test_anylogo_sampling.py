@@ -149,12 +149,13 @@ def test_the_original_model_is_untouched_and_nothing_is_left_behind(sd15):
     before = sample(model, positive, negative)
     patched, patch = recycled(model)
     counts = []
-    for _ in range(10):
-        sample(patched, positive, negative)
+    for run in range(10):
+        sample(patched, positive, negative, steps=2)
         assert patch._runs == []
-        gc.collect()
-        counts.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)))
-    assert max(counts[2:]) <= counts[1], f"live tensors grew across runs: {counts}"
+        if run in (1, 9):  # after warm-up caches exist, and at the end
+            gc.collect()
+            counts.append(sum(1 for o in gc.get_objects() if type(o) is torch.Tensor))
+    assert counts[1] <= counts[0], f"live tensors grew across eight runs: {counts}"
     assert torch.equal(sample(model, positive, negative), before)
     assert "attn1" not in model.model_options.get("transformer_options", {}).get("patches_replace", {})
     assert model.get_attachment("subject_customization.anylogo") is None
