@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .host import PACK_ROOT, bootstrap
 
-MAIN_WORKFLOW = "image_nodes"  # the AnyLogo logo-insertion workflow takes over once it exists
+MAIN_WORKFLOW = "anylogo_logo_insertion"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     comfy_root = bootstrap()
     from . import demo_assets
     from .runner import init_comfyui, quiet_comfyui_logging, run_workflow
-    from .stand_ins import substitute_stand_ins
+    from .stand_ins import cap_for_stand_ins, substitute_stand_ins
 
     quiet_comfyui_logging()
     output = args.output.resolve()
@@ -53,6 +53,11 @@ def main(argv=None) -> int:
         for s in substitutions:
             print(f"  - node {s.node_id} {s.node_type}.{s.input_name}: {s.wanted} -> {s.stand_in}")
         print("  Images made this way prove the graph runs end to end; they are NOT meaningful pictures.")
+        prompt, notes = cap_for_stand_ins(prompt)
+        if notes:
+            print("  so the run is kept short on a CPU (same graph, these values capped):")
+            for note in notes:
+                print(f"  - {note}")
     else:
         print("weights: all found in ComfyUI's model folders (real weights)")
 

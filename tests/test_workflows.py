@@ -6,7 +6,7 @@ import pytest
 
 from standalone import demo_assets
 from standalone.runner import run_workflow
-from standalone.stand_ins import substitute_stand_ins
+from standalone.stand_ins import cap_for_stand_ins, substitute_stand_ins
 from standalone.workflow_format import ui_to_api
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def test_workflow_runs_headless_on_stand_in_models(comfy, api_file, output_dir):
 
     demo_assets.write_demo_inputs(folder_paths.get_input_directory())
     prompt, _ = substitute_stand_ins(json.loads(api_file.read_text()))
-    result = run_workflow(prompt)
+    result = run_workflow(cap_for_stand_ins(prompt)[0])
     saved = [img for out in result["outputs"].values() for img in out.get("images", [])
              if img.get("type") == "output"]
     for image in saved:
