@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from model_patches.weight_files import default_file_mode
+
 CHECKPOINT_FORMAT = "subject-customization/train-checkpoint"
 CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -52,6 +54,7 @@ def save_checkpoint(folder, step: int, state: dict, keep: int) -> Path:
         torch.save(payload, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

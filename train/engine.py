@@ -36,6 +36,7 @@ equals the uninterrupted one, because data order and per-sample draws depend onl
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -218,8 +219,19 @@ class Trainer:
         self.log.write({"event": "stopped", "step": step - 1, "reason": message})
         raise NonFiniteLoss(message)
 
+    def _digest(self) -> str:
+        digest = hashlib.sha256()
+        for p in self.params:
+            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def _checkpoint(self, step: int) -> None:
+        """Save on the first process, after checking that every process holds bit-identical trainable values."""
         rng = distributed.gather_objects(self.info, capture_rng_state())
+        digests = distributed.gather_objects(self.info, self._digest())
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"processes hold different trainable weights at step {step} (sha256 per rank: "
+                               f"{digests}); the gradient reduction is not keeping them in sync")
         if not self.info.is_main:
             return
         state = {"method": self.method.name, "trainable_names": self.names,
@@ -229,7 +241,7 @@ class Trainer:
                           "batch_size": self.cfg.batch_size, "seed": self.cfg.seed},
                  "base_hash": self.ctx.base.sha256, "config": self.cfg.to_dict()}
         path = save_checkpoint(self.ckpt_dir, step, state, keep=self.cfg.keep_checkpoints)
-        self.log.write({"event": "checkpoint", "step": step, "path": str(path)})
+        self.log.write({"event": "checkpoint", "step": step, "path": str(path), "rank_digests": digests})
 
     def _validate(self, step: int) -> None:
         if not self.info.is_main:

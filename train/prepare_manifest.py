@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from model_patches.weight_files import default_file_mode
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -86,6 +88,7 @@ def write_manifest(rows: list[dict], out) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
