@@ -90,3 +90,11 @@ def test_per_sample_draws_match_across_the_split(runs):
         assert ra["sigma_mean"] == pytest.approx(rb["sigma_mean"], rel=1e-6)
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
     assert {r["caption_dropped"] for r in steps_b} != {0.0}, "dropout should have fired in 6 draws at p=0.5"
+
+
+def test_torchrun_module_mode_keeps_comfyuis_nodes_module(trainer_env):
+    """torchrun runs `-m train…` from the pack root, where our nodes/ package would shadow ComfyUI's nodes.py."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = _run([str(torchrun), "--nproc_per_node=1", f"--master_port={_free_port()}", "-m", "train", "--where"],
+                  trainer_env)
+    assert f"nodes module: {Path(trainer_env['COMFYUI_PATH']) / 'nodes.py'}" in result.stdout

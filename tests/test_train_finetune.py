@@ -12,7 +12,7 @@ from train.base_model import file_sha256
 from train.config import parse_command_line
 from train.distributed import DistInfo
 from train.engine import Trainer
-from train.finetune import FinetuneConfig, FinetuneMethod, diff_key
+from train.finetune import FinetuneConfig, FinetuneMethod, diff_key, main
 from train.randomness import SampleRandom
 
 STEPS = 24
@@ -94,3 +94,31 @@ def test_stock_lora_loader_applies_the_export_exactly(trained, comfy, model_dirs
             assert torch.equal(weights[untouched], f.get_tensor(f"model.{untouched}").float())
     finally:
         model_management.unload_all_models()
+
+
+def _manifest_with_a_bad_row(tmp_path, finetune_manifest):
+    lines = finetune_manifest.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    for row in rows:
+        row["image"] = str(finetune_manifest.parent / row["image"])
+    rows.insert(1, {"id": "lost", "image": "missing.png", "caption": "gone"})
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_rows_stop_before_loading_or_are_skipped_and_reported(tmp_path, finetune_config, finetune_manifest,
+                                                                   capsys):
+    manifest = _manifest_with_a_bad_row(tmp_path, finetune_manifest)
+    cfg = finetune_config(tmp_path / "cfg.yaml", manifest=str(manifest), steps=1)
+    assert main(["--config", str(cfg), "--output_dir", str(tmp_path / "stop")]) == 2
+    err = capsys.readouterr().err
+    assert "line 2 (id 'lost'): image file 'missing.png' (image) does not exist" in err and "on_bad_row=skip" in err
+
+    config, _ = parse_command_line(FinetuneConfig, ["--config", str(cfg), "--output_dir", str(tmp_path / "skip"),
+                                                    "--on_bad_row", "skip"])
+    trainer = Trainer(FinetuneMethod(config), DistInfo())
+    trainer.prepare()
+    assert len(trainer.dataset) == 4
+    report = json.loads((tmp_path / "skip" / "manifest_report.json").read_text())
+    assert report["usable_rows"] == 4 and [b["line"] for b in report["bad_rows"]] == [2]

@@ -89,7 +89,7 @@ def test_nan_stops_before_the_update_and_the_last_good_checkpoint_resumes(cfg, u
     assert stopped.returncode == 3
     good = out / "checkpoints" / "step_00000002.pt"
     assert "non-finite training signal at step 4 (loss=nan" in stopped.stderr
-    assert f"last good checkpoint: {good}" in stopped.stderr
+    assert f"The last good checkpoint is {good}; the same command resumes from it." in stopped.stderr
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2]      # step 3 ran, step 4 was refused
     assert not (out / "finetune.safetensors").exists()
     state = load_checkpoint(good, method="finetune")

@@ -135,8 +135,13 @@ class Trainer:
         if state["trainable_names"] != self.names:
             raise CheckpointError(f"{path.name} trains {len(state['trainable_names'])} tensors, this run "
                                   f"{len(self.names)}; was the checkpoint written with other options?")
+        if state["base_hash"] != self.ctx.base.sha256:
+            raise CheckpointError(f"{path.name} was trained from a base checkpoint with sha256 "
+                                  f"{state['base_hash'][:12]}…, but {self.ctx.base.path.name} has "
+                                  f"{self.ctx.base.sha256[:12]}…; resume with the same base_checkpoint")
         data = state["data"]
-        if (data["dataset_size"], data["batch_size"], data["seed"]) != (len(self.dataset), cfg.batch_size, cfg.seed):
+        if self.info.is_main and (data["dataset_size"], data["batch_size"], data["seed"]) != (
+                len(self.dataset), cfg.batch_size, cfg.seed):
             print(f"note: resuming with a different dataset size/batch_size/seed than {path.name} was written "
                   "with; the run will not reproduce an uninterrupted one", file=sys.stderr)
         with torch.no_grad():
@@ -213,9 +218,10 @@ class Trainer:
 
     def _stop(self, step: int, loss: float, grad_norm: float) -> None:
         last = latest_checkpoint(self.ckpt_dir)
-        where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
+        where = (f"The last good checkpoint is {last}; the same command resumes from it." if last else
+                 "No checkpoint was written yet.")
         message = (f"non-finite training signal at step {step} (loss={loss}, grad_norm={grad_norm}); the step was "
-                   f"not applied and training stopped. The {where}; resume continues from it.")
+                   f"not applied and training stopped. {where}")
         self.log.write({"event": "stopped", "step": step - 1, "reason": message})
         raise NonFiniteLoss(message)
 
