@@ -33,6 +33,14 @@ naming the step and the last good checkpoint); clip; AdamW + LR schedule step. T
 metrics line, validation images, interval export, checkpoint. At the end: checkpoint and export.
 Exactness: 2 processes x micro-batch 1 equal 1 process x batch 2 up to float summation order, and a resumed run
 equals the uninterrupted one, because data order and per-sample draws depend only on (seed, step, position).
+
+Notes for methods: rows are dicts with absolute paths and ``_line``; the UNet runs with a method's attention
+patches by passing a copy of a patched clone's ``model_options["transformer_options"]`` to
+``ctx.base.model.apply_model``; a method that runs the UNet twice per step just calls it twice (gradients are
+reduced once per step, parameters unused on a rank count as zero); with ``gradient_checkpointing`` patches run
+again in backward (see train/grad_checkpoint.py). ``output_dir`` holds config.yaml, metrics.jsonl,
+checkpoints/step_NNNNNNNN.pt, samples/step_NNNNNNNN/*.png, exports/<name>_step_NNNNNNNN.safetensors and the
+final <name>.safetensors (plus manifest_report.json when rows were skipped).
 """
 from __future__ import annotations
 
