@@ -18,6 +18,14 @@ class WeightFileError(ValueError):
     """A weight file is missing, corrupt, of another method/architecture/version, or lacks keys."""
 
 
+def default_file_mode() -> int:
+    """The mode a plainly created file gets (0o666 less the umask); mkstemp's temporary files are 0o600, and a
+    renamed export must stay readable by e.g. a ComfyUI server running as another user."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_weights(path, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
     """Write ``tensors`` with string metadata to ``path`` atomically (temporary file, then rename)."""
     import safetensors.torch
@@ -30,6 +38,7 @@ def save_weights(path, tensors: dict[str, torch.Tensor], metadata: dict) -> Path
     try:
         safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                                     metadata=meta)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -93,3 +93,55 @@ def _deterministic():
 def pack_module(comfy):
     """The pack's package as ComfyUI's loader imported it (its module name is the pack path)."""
     return sys.modules[str(PACK_ROOT).replace(".", "_x_")]
+
+
+# ---- trainers ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def finetune_manifest(tmp_path_factory):
+    """Four 64x64 images (a red or blue square on a gradient, placed by a seeded draw) with captions, and
+    their manifest."""
+    import numpy as np
+    from PIL import Image
+
+    from train.prepare_manifest import build_rows, write_manifest
+    from train.finetune import FinetuneMethod
+
+    folder = tmp_path_factory.mktemp("finetune_data")
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 64, dtype=np.float32)
+    # two captions only: the full CLIP-L text encoder takes seconds per caption on a CPU
+    for i, colour in enumerate(("red", "blue", "red", "blue")):
+        image = np.stack([np.add.outer(ramp, ramp) / 2] * 3, -1)
+        y, x = rng.integers(8, 40, size=2)
+        image[y:y + 20, x:x + 20] = {"red": (230, 20, 20), "blue": (30, 40, 220)}[colour]
+        Image.fromarray(image.astype(np.uint8)).save(folder / f"square_{i}.png")
+        (folder / f"square_{i}.txt").write_text(f"a {colour} square")
+    rows, skipped = build_rows(folder, FinetuneMethod.folder_layout)
+    assert len(rows) == 4 and not skipped
+    return write_manifest(rows, folder / "manifest.jsonl")
+
+
+@pytest.fixture(scope="session")
+def finetune_config(model_dirs, finetune_manifest):
+    """Write a tiny CPU finetune config (64 px, fp32 export, no progress bar) with overrides; returns its path."""
+    import yaml
+
+    def write(path, **overrides):
+        config = {"base_checkpoint": str(model_dirs["checkpoints"] / "tiny_sd15.safetensors"),
+                  "manifest": str(finetune_manifest), "resolution": 64, "batch_size": 2, "learning_rate": 1e-4,
+                  "export_dtype": "fp32", "progress": False, **overrides}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def trainer_env():
+    """Environment of a trainer subprocess, run with cwd = the pack root like a user would."""
+    from standalone.host import find_comfyui
+
+    return {**os.environ, "COMFYUI_PATH": str(find_comfyui()), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -1,0 +1,81 @@
+"""The base checkpoint, loaded by ComfyUI itself so trainers use the very modules the nodes patch.
+
+``load_base`` goes through ``comfy.sd.load_checkpoint_guess_config`` (the loader behind CheckpointLoaderSimple)
+with fp32 UNet weights, the trainer's master copy; on CUDA, bf16 autocast does the compute. Everything is
+frozen on return: a method decides what trains. The UNet's parameter names are ComfyUI's
+(``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight``), the same names ComfyUI's
+LoRA/"diff" loader and our model patches address.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ARCHITECTURES = {4: "sd15", 9: "sd15-inpainting"}
+
+
+class BaseModelError(ValueError):
+    """The base checkpoint is missing, unreadable or not an SD1.5-architecture model."""
+
+
+@dataclass
+class LoadedBase:
+    path: Path
+    patcher: object              # comfy.model_patcher.ModelPatcher (the MODEL type of the nodes)
+    clip: object | None          # comfy.sd.CLIP
+    vae: object | None           # comfy.sd.VAE
+    architecture: str            # "sd15" | "sd15-inpainting"
+    sha256: str = ""             # hex digest of the checkpoint file ("" when not computed)
+
+    @property
+    def model(self):
+        """comfy.model_base.BaseModel: ``apply_model``, ``model_sampling``, ``process_latent_in``."""
+        return self.patcher.model
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.patcher.model.diffusion_model
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.model.model_config.unet_config["in_channels"])
+
+
+def file_sha256(path, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_base(path, device, *, compute_hash: bool = True) -> LoadedBase:
+    """UNet (fp32, on ``device``), CLIP and VAE of an SD1.5-architecture checkpoint, all frozen."""
+    import comfy.sd
+    import comfy.supported_models
+
+    path = Path(path)
+    if not path.is_file():
+        raise BaseModelError(f"base checkpoint not found: {path}")
+    try:
+        patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=True, output_clip=True, model_options={"dtype": torch.float32})
+    except Exception as e:
+        raise BaseModelError(f"could not load base checkpoint {path.name}: {e}") from None
+    config = patcher.model.model_config
+    if not isinstance(config, comfy.supported_models.SD15):
+        raise BaseModelError(f"{path.name} is a {type(config).__name__} model; the trainers need an "
+                             "SD1.5-architecture checkpoint")
+    in_channels = int(config.unet_config["in_channels"])
+    if in_channels not in ARCHITECTURES:
+        raise BaseModelError(f"{path.name} has a UNet with {in_channels} input channels; expected 4 or 9")
+    patcher.model.to(device)
+    for module in (patcher.model, getattr(clip, "cond_stage_model", None),
+                   getattr(vae, "first_stage_model", None)):
+        if module is not None:
+            module.requires_grad_(False)
+    return LoadedBase(path=path, patcher=patcher, clip=clip, vae=vae, architecture=ARCHITECTURES[in_channels],
+                      sha256=file_sha256(path) if compute_hash else "")
