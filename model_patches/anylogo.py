@@ -159,21 +159,29 @@ class AnyLogoPatch:
         sigma = timestep.flatten()[:1]
         subject = self.subject.to(device)
         noise = extra_pass.seeded_noise(subject.shape, self.settings.seed, float(sigma), device)
-        x = extra_pass.noised(base_model, subject, sigma, noise)
         context = positive_conds[0]["model_conds"]["c_crossattn"].process_cond(batch_size=1, device=device).cond
-        concat = None
-        if self.in_channels == 9:
-            concat = extra_pass.inpaint_concat(subject, self.settings.subject_concat == "known")
-        bank = SignatureBank()
-        status = Extraction(bank, tuple(slot.key for slot in self.slots))
-        transformer_options = {**model_options.get("transformer_options", {}), STATUS_KEY: status,
-                               POSITIVE_COND_KEY: 0}
-        extra_pass.run_reference_pass(base_model, x, sigma, context=context, concat=concat,
-                                      transformer_options=transformer_options, stop=StopExtraction)
-        missing = [slot.name for slot in self.slots if slot.key not in bank]
-        if missing:
-            raise RuntimeError(f"AnyLogo: the subject pass did not reach layers {missing}")
-        return bank
+        return extract_signatures(base_model, subject, noise, sigma, context, self.slots,
+                                  model_options.get("transformer_options", {}), in_channels=self.in_channels,
+                                  subject_known=self.settings.subject_concat == "known")
+
+
+def extract_signatures(base_model, subject: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                       context: torch.Tensor, slots: list[TransformerSlot], transformer_options: dict, *,
+                       in_channels: int, subject_known: bool = True) -> SignatureBank:
+    """The extraction status: subject latents ([B_s,4,h,w], model space) noised to ``sigma`` with ``noise``,
+    through the UNet carrying ``transformer_options``' patches; returns the bank of the ``slots``' keys/values
+    (one row per subject). Shared by sampling (one subject) and training (one subject per sample)."""
+    x = extra_pass.noised(base_model, subject, sigma, noise)
+    concat = extra_pass.inpaint_concat(subject, subject_known) if in_channels == 9 else None
+    bank = SignatureBank()
+    status = Extraction(bank, tuple(slot.key for slot in slots))
+    options = {**transformer_options, STATUS_KEY: status, POSITIVE_COND_KEY: 0}
+    extra_pass.run_reference_pass(base_model, x, sigma, context=context, concat=concat, transformer_options=options,
+                                  stop=StopExtraction)
+    missing = [slot.name for slot in slots if slot.key not in bank]
+    if missing:
+        raise RuntimeError(f"AnyLogo: the subject pass did not reach layers {missing}")
+    return bank
 
 
 def build_patch(model_patcher, subject_latent: torch.Tensor, settings: RecyclingSettings,

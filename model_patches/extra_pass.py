@@ -51,8 +51,11 @@ def run_reference_pass(base_model, x: torch.Tensor, sigma: torch.Tensor, *, cont
     """
     options = {**transformer_options, "cond_or_uncond": [0], "sigmas": sigma.view(-1)[:1],
                "uuids": [None]}
+    if sigma.numel() not in (1, x.shape[0]):
+        raise ValueError(f"{sigma.numel()} sigmas for {x.shape[0]} reference latents")
     try:
-        return base_model.apply_model(x, sigma.view(-1)[:1].expand(x.shape[0]), c_concat=concat,
+        return base_model.apply_model(x, sigma.view(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma.view(-1),
+                                      c_concat=concat,
                                       c_crossattn=context, transformer_options=options)
     except Exception as e:
         if stop is not None and isinstance(e, stop):

@@ -32,7 +32,8 @@ class StopExtraction(Exception):
 
 @dataclass
 class SignatureBank:
-    """Projected subject keys/values per layer, [1, L_sub, C] each. A plain object: cleared after each use."""
+    """Projected subject keys/values per layer, [subjects, L_sub, C] each: one subject shared by every reading
+    row (sampling) or one per reading row (training). A plain object: cleared after each use."""
     keys: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
 
@@ -134,8 +135,11 @@ class RecyclingAttention:
 
     def _extract(self, status: Extraction, q, k, v, extra_options):
         if self.slot.key in status.slots:
-            status.bank.store(self.slot.key, k[:1], v[:1])
-            if status.stop_when_complete and len(status.bank) == len(status.slots):
+            was_complete = len(status.bank) == len(status.slots)
+            status.bank.store(self.slot.key, k, v)
+            # only the first completion stops the pass: a gradient-checkpointed block recomputed during backward
+            # stores again into a complete bank and must run through
+            if status.stop_when_complete and not was_complete and len(status.bank) == len(status.slots):
                 raise StopExtraction()
         return self._inner(q, k, v, extra_options)
 
@@ -152,6 +156,14 @@ class RecyclingAttention:
                 out[rows] = self._read(status, q[rows], k[rows], v[rows], sub_options)
         return out
 
+    def _subject_rows(self, banked, rows: int, reading):
+        """One subject for every row (sampling), or one per row (training batches)."""
+        if banked.shape[0] == 1:
+            return banked.expand(int(reading.sum()), -1, -1)
+        if banked.shape[0] != rows:
+            raise RuntimeError(f"layer {self.slot.name}: {banked.shape[0]} banked subjects for {rows} reading rows")
+        return banked[reading]
+
     def _read(self, status: Generation, q, k, v, extra_options):
         n = q.shape[0]
         bias = status.key_bias(self.slot.key, n, q.device) if status.key_bias is not None else None
@@ -162,9 +174,8 @@ class RecyclingAttention:
         if not bool(reading.all()):
             out[~reading] = self._inner(q[~reading], k[~reading], v[~reading], extra_options)
         q_r, k_r, v_r = q[reading], k[reading], v[reading]
-        rows = q_r.shape[0]
-        k_sub = status.bank.keys[self.slot.key].to(k).expand(rows, -1, -1)
-        v_sub = status.bank.values[self.slot.key].to(v).expand(rows, -1, -1)
+        k_sub = self._subject_rows(status.bank.keys[self.slot.key].to(k), n, reading)
+        v_sub = self._subject_rows(status.bank.values[self.slot.key].to(v), n, reading)
         kept_bias = None if bias is None else bias[reading]
         mask = None
         if kept_bias is not None and bool((kept_bias != 0).any()):

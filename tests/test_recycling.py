@@ -137,3 +137,29 @@ def test_appended_key_share_chunks_queries_without_changing_the_result(qkv, bank
     whole = appended_key_share(q, k, k_sub, HEADS, query_chunk=1024)
     torch.testing.assert_close(appended_key_share(q, k, k_sub, HEADS, query_chunk=2), whole)
     assert bool(((whole > 0) & (whole < 1)).all())
+
+
+def test_one_banked_subject_per_row_is_read_by_its_own_row(qkv):
+    """Training batches bank one subject per sample; row r must read subject r only."""
+    q, k, v = qkv
+    g = torch.Generator().manual_seed(3)
+    bank = SignatureBank()
+    bank.store(SLOT.key, torch.randn(4, 3, HEADS * DIM, generator=g), torch.randn(4, 3, HEADS * DIM, generator=g))
+    keep = torch.tensor([0.0, -math.inf, 0.0, 0.0])  # row 1 dropped by sparse recycling
+    out = RecyclingAttention(SLOT)(q, k, v, options([0], Generation(bank, 0, key_bias=lambda *a: keep)))
+    for row in range(4):
+        if row == 1:
+            expected = explicit_attention(q[1:2], k[1:2], v[1:2])
+        else:
+            expected = explicit_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], None,
+                                          bank.keys[SLOT.key][row:row + 1], bank.values[SLOT.key][row:row + 1])
+        torch.testing.assert_close(out[row:row + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_recomputed_layer_does_not_stop_a_complete_extraction(qkv):
+    """Gradient checkpointing re-runs blocks during backward: storing into a complete bank must not raise."""
+    q, k, v = qkv
+    status = Extraction(SignatureBank(), (SLOT.key,))
+    with pytest.raises(StopExtraction):
+        RecyclingAttention(SLOT)(q[:1], k[:1], v[:1], options([0], status))
+    RecyclingAttention(SLOT)(q[:1], k[:1], v[:1], options([0], status))  # the recomputation
