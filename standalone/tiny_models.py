@@ -214,3 +214,21 @@ def build_anylogo_weights(path: Path | str, *, inpainting: bool = True, seed: in
         "recycling_positions": "decoder", "sparse_threshold": 0.6, "tiny_model": "random-anylogo",
         "builder_version": str(BUILDER_VERSION)})
     return path
+
+
+def build_controlnet(path: Path | str, *, seed: int = 0) -> Path:
+    """A ControlNet with the tiny UNet's layout and random weights, in the original (control_model.*) format
+    ComfyUI's ControlNetLoader detects."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    path = Path(path)
+    if not path.exists():
+        net = comfy.cldm.cldm.ControlNet(
+            hint_channels=3, image_size=32, in_channels=4, use_spatial_transformer=True, legacy=False,
+            use_linear_in_transformer=False, adm_in_channels=None, num_head_channels=-1,
+            operations=comfy.ops.disable_weight_init, **TINY_UNET)
+        tensors = {f"control_model.{k}": v.half() for k, v in _init_(net, seed + 5).state_dict().items()}
+        _atomic_save(tensors, path, {"tiny_model": "controlnet", "seed": str(seed),
+                                     "builder_version": str(BUILDER_VERSION)})
+    return path

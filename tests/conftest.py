@@ -145,3 +145,44 @@ def trainer_env():
     from standalone.host import find_comfyui
 
     return {**os.environ, "COMFYUI_PATH": str(find_comfyui()), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class AnyLogoKit:
+    """The tiny SD1.5-inpainting model with helpers to apply AnyLogo through its node and sample a region."""
+
+    steps = 3
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+        self.model, self.clip, self.vae = nodes.CheckpointLoaderSimple().load_checkpoint(
+            "tiny_sd15_inpainting.safetensors")[:3]
+        self.subject = torch.ones(1, 40, 72, 3)
+        self.subject[:, 10:30, 20:50] = torch.tensor([0.1, 0.2, 0.8])
+
+    def text(self, prompt: str):
+        return self.nodes.CLIPTextEncode().encode(self.clip, prompt)[0]
+
+    def apply(self, model=None, subject=None, **kwargs):
+        args = dict(positions="decoder", threshold=1.0, strength=1.0, start_percent=0.0, end_percent=1.0, seed=0,
+                    subject_size=64)
+        args.update(kwargs)
+        node = self.nodes.NODE_CLASS_MAPPINGS["SC_AnyLogoApply"]()
+        return node.apply(self.model if model is None else model, self.vae,
+                          self.subject if subject is None else subject, **args)[0]
+
+    def sample(self, model, positive="a logo", negative="", seed=1, control=None):
+        """Region insertion on a flat 64x64 scene: InpaintModelConditioning (noise mask on) + KSampler."""
+        scene = torch.full((1, 64, 64, 3), 0.6)
+        mask = torch.zeros(1, 64, 64)
+        mask[:, 16:48, 16:48] = 1
+        pos, neg = self.text(positive), self.text(negative)
+        if control is not None:
+            pos, neg = control(pos, neg)
+        pos, neg, latent = self.nodes.InpaintModelConditioning().encode(pos, neg, scene, self.vae, mask, True)
+        return self.nodes.common_ksampler(model, seed, self.steps, 5.0, "euler", "normal", pos, neg,
+                                          latent)[0]["samples"]
+
+
+@pytest.fixture(scope="session")
+def anylogo_kit(comfy):
+    return AnyLogoKit(comfy)
