@@ -6,6 +6,7 @@ format, or a truncated/corrupt file with a message that names the file and what 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -26,25 +27,35 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def save_weights(path, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
-    """Write ``tensors`` with string metadata to ``path`` atomically (temporary file, then rename)."""
-    import safetensors.torch
-
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yield a temporary path beside ``path``; on success it is flushed to disk, made readable like a plain file
+    and renamed over ``path``, so a reader never sees half a file. On any error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                                    metadata=meta)
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def save_weights(path, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """Write ``tensors`` with string metadata to ``path`` atomically (temporary file, then rename)."""
+    import safetensors.torch
+
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    with atomic_write(path) as tmp:
+        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                                    metadata=meta)
+    return Path(path)
 
 
 def read_metadata(path) -> dict[str, str]:

@@ -1,7 +1,6 @@
 """AnyLogo nodes: load the trained weights, apply model recycling to a MODEL, show where the model looked."""
 from __future__ import annotations
 
-import torch
 
 from ..image_ops.hierarchical_embeds import HierarchicalEmbeds
 from ..image_ops.subject_preprocess import prepare_subject

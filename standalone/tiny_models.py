@@ -96,18 +96,9 @@ def sd15_state_dict(*, in_channels: int = 4, seed: int = 0) -> dict[str, torch.T
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    import safetensors.torch
+    from model_patches.weight_files import save_weights
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_weights(path, tensors, metadata)
 
 
 def build_sd15_checkpoint(path: Path | str, *, inpainting: bool = False, seed: int = 0) -> Path:

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,14 +9,12 @@ pickled code.
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
-from model_patches.weight_files import default_file_mode
+from model_patches.weight_files import atomic_write
 
 CHECKPOINT_FORMAT = "subject-customization/train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -48,18 +46,8 @@ def save_checkpoint(folder, step: int, state: dict, keep: int) -> Path:
         stray.unlink(missing_ok=True)
     path = checkpoint_path(folder, step)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, **state}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         torch.save(payload, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     for _, old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path
