@@ -56,10 +56,22 @@ def init_comfyui(pack_dir: Path | str = PACK_ROOT, *, output_dir=None, input_dir
     import utils.install_util  # noqa: F401
 
     import folder_paths
-    import nodes
 
-    if not _loaded_packs:
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    root = logging.getLogger()
+    quiet = root.level >= logging.WARNING
+    if quiet:  # ComfyUI warns about each optional core module it cannot use (e.g. audio without torchaudio)
+        root.setLevel(logging.ERROR)
+    try:
+        import nodes
+
+        failed = []
+        if not _loaded_packs:
+            failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    finally:
+        if quiet:
+            root.setLevel(logging.WARNING)
+    if quiet and failed:
+        print(f"(ComfyUI core modules not importable here, unused by this pack: {', '.join(failed)})")
     pack_dir = str(Path(pack_dir).resolve())
     if pack_dir not in _loaded_packs:
         ok = asyncio.run(nodes.load_custom_node(pack_dir, module_parent="custom_nodes"))
