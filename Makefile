@@ -11,7 +11,9 @@ test:
 	@set -euo pipefail
 	venv="$$(tools/ensure_env.sh | tail -n 1)"
 	source tools/find_comfyui.sh; export COMFYUI_PATH="$$(find_comfyui "$$PWD")"
-	"$$venv/bin/python" -m pytest $(PYTEST_ARGS)
+	status=0; "$$venv/bin/python" -m pytest $(PYTEST_ARGS) || status=$$?
+	if [ "$$status" -eq 5 ]; then echo "pytest collected no tests: the suite must not be empty" >&2; exit 1; fi
+	exit "$$status"
 
 demo:
 	@set -euo pipefail
