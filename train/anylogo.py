@@ -208,8 +208,9 @@ class AnyLogoMethod(TrainingMethod):
 
     # ---- one sample ------------------------------------------------------------------------------------------
     def prepare(self, item: dict, ctx: TrainContext, generator: torch.Generator | None):
-        """(scene latent, concat, subject latent, DINOv2 token groups, scene crop, region) of one item; random
-        crop and augmentation with ``generator``, the deterministic crop and no augmentation without."""
+        """(scene latent, concat, subject latent, DINOv2 token groups, scene crop, region, subject pixels) of one
+        item: random crop and augmentation with ``generator``, the deterministic crop and no augmentation without.
+        Cached per row when nothing in it is random."""
         cfg, model, vae = self.config, ctx.base.model, ctx.base.vae
         cacheable = cfg.cache_latents and not (cfg.zoom_in or cfg.augment_subject) or generator is None
         key = (item["index"], generator is None)
