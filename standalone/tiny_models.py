@@ -223,3 +223,17 @@ def build_controlnet(path: Path | str, *, seed: int = 0) -> Path:
         _atomic_save(tensors, path, {"tiny_model": "controlnet", "seed": str(seed),
                                      "builder_version": str(BUILDER_VERSION)})
     return path
+
+
+def build_tiny_dinov2_files(folder: Path | str, *, seed: int = 0) -> tuple[Path, Path]:
+    """The tiny DINOv2 as a weight file plus its ComfyUI config JSON (the stock loader only detects full-size
+    layouts; trainers take the config alongside): (weights path, config path)."""
+    folder = Path(folder)
+    weights, config = folder / "tiny_dinov2.safetensors", folder / "tiny_dinov2.json"
+    if not weights.exists():
+        model = tiny_dinov2(seed)
+        _atomic_save({k: v.contiguous() for k, v in model.get_sd().items()}, weights,
+                     {"tiny_model": "dinov2", "seed": str(seed), "builder_version": str(BUILDER_VERSION)})
+    if not config.exists():
+        config.write_text(json.dumps(TINY_DINOV2_CONFIG))
+    return weights, config

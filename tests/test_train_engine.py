@@ -39,6 +39,28 @@ def test_global_order_is_independent_of_the_split():
     assert _stream(world=2, micro=1, batch=4, steps=6, start=4) == {k: v for k, v in single.items() if k[0] >= 4}
 
 
+def test_weighted_order_is_independent_of_the_split_and_follows_the_weights():
+    weights = [3.0, 1.0, 0.0, 0.0, 4.0]
+
+    def stream(world, micro, steps=50, start=0):
+        out = {}
+        for rank in range(world):
+            order = GlobalOrder(5, 4, micro, DistInfo(rank=rank, world_size=world), 3, weights=weights)
+            out.update({(s, j): i for s, _, js, idx in order.micro_batches(start, steps) for j, i in zip(js, idx)})
+        return out
+
+    single = stream(1, 4)
+    assert stream(2, 1) == single and stream(4, 1) == single
+    assert stream(2, 2, start=30) == {k: v for k, v in single.items() if k[0] >= 30}
+    counts = np.bincount(list(single.values()), minlength=5) / len(single)
+    assert counts[2] == counts[3] == 0                              # zero weight: never drawn
+    np.testing.assert_allclose(counts, np.array(weights) / 8, atol=0.06)  # 200 draws: 3 sd of a share ~ 0.1
+    for bad, message in (([1.0, 1.0], "2 sample weights for a dataset of 5 rows"),
+                         ([0.0] * 5, "not all zero"), ([1, 1, 1, 1, float("nan")], "finite")):
+        with pytest.raises(ValueError, match=message):
+            GlobalOrder(5, 4, 4, DistInfo(), 0, weights=bad)
+
+
 def test_global_order_rejects_an_indivisible_batch():
     with pytest.raises(ValueError, match="batch_size 3 must be a multiple of micro_batch_size 1 x 2 processes"):
         GlobalOrder(10, 3, 1, DistInfo(rank=0, world_size=2), 0)

@@ -125,6 +125,7 @@ def test_cli_writes_a_manifest_the_validator_accepts(tmp_path, capsys):
 
 def test_parse_companion_errors():
     assert parse_companion("mask=_m.png,_m.jpg:required") == Companion("mask", ("_m.png", "_m.jpg"), "path", True)
+    assert parse_companion("box=_box.json:json") == Companion("box", ("_box.json",), "json", False)
     with pytest.raises(ValueError, match="unknown flag"):
         parse_companion("mask=_m.png:optional")
     with pytest.raises(ValueError, match="expects field=suffix"):

@@ -15,6 +15,8 @@ The data order is global: the sample at stream position ``p`` (``p = step * batc
 ``permutation(seed, epoch)[p mod N]``, and the ``j``-th sample of a step belongs to micro-step
 ``j // (world * micro)`` and rank ``(j // micro) mod world``. Any number of processes therefore sees exactly
 the samples one process would see, and a resumed run continues at the right sample from the step alone.
+With per-sample weights (a method's ``sample_weights``, e.g. AnyLogo's data sources) each epoch of ``N`` positions
+is instead ``N`` seeded draws with replacement in proportion to the weights: the same split-independence holds.
 """
 from __future__ import annotations
 
@@ -135,26 +137,38 @@ def mix_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def _checked_weights(weights, size: int) -> torch.Tensor:
+    w = torch.as_tensor([float(x) for x in weights], dtype=torch.float64)
+    if w.numel() != size:
+        raise ValueError(f"{w.numel()} sample weights for a dataset of {size} rows")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError("sample weights must be finite, non-negative and not all zero")
+    return w
+
+
 class GlobalOrder:
     """The deterministic global sample stream and this rank's share of each step (see the module docstring)."""
 
     def __init__(self, dataset_size: int, batch_size: int, micro_batch_size: int, info: DistInfo, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, weights=None):
         if batch_size % (micro_batch_size * info.world_size):
             raise ValueError(f"batch_size {batch_size} must be a multiple of micro_batch_size {micro_batch_size} "
                              f"x {info.world_size} processes")
         self.size, self.batch, self.micro, self.info = dataset_size, batch_size, micro_batch_size, info
         self.seed, self.shuffle = seed, shuffle
+        self.weights = None if weights is None else _checked_weights(weights, dataset_size)
         self.accumulation = batch_size // (micro_batch_size * info.world_size)
         self._perm_epoch, self._perm = None, None
 
     def index_at(self, position: int) -> int:
         epoch, offset = divmod(position, self.size)
-        if not self.shuffle:
+        if not self.shuffle and self.weights is None:
             return offset
         if self._perm_epoch != epoch:
             gen = torch.Generator().manual_seed(mix_seed(self.seed, "order", epoch))
-            self._perm, self._perm_epoch = torch.randperm(self.size, generator=gen).tolist(), epoch
+            draw = (torch.randperm(self.size, generator=gen) if self.weights is None else
+                    torch.multinomial(self.weights, self.size, replacement=True, generator=gen))
+            self._perm, self._perm_epoch = draw.tolist(), epoch
         return self._perm[offset]
 
     def positions(self, micro_step: int) -> list[int]:

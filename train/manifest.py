@@ -1,10 +1,11 @@
 """Training manifests: JSONL rows checked against a method's schema before any training starts.
 
 One JSON object per line. Each method declares which fields it reads and what they are (an image, a mask,
-another file, text, a number, a list) and which image/mask fields must share a size. Paths are relative to the
-manifest's folder (absolute paths are kept). Every bad row is named by its line (and ``id`` when the row has
-one) with every problem found, e.g. ``line 7 (id 'cat_02'): mask 'masks/cat_02.png' is 64x48 but image
-'images/cat_02.png' is 64x64``. With ``on_bad_row="stop"`` any bad row stops the run with that list; with
+another file, text, a number, a list), which image/mask fields must share a size, and optionally a
+``row_check`` for what involves several fields (a box inside its image, a region that is not empty). Paths are
+relative to the manifest's folder (absolute paths are kept). Every bad row is named by its line (and ``id`` when
+the row has one) with every problem found, e.g. ``line 7 (id 'cat_02'): mask 'masks/cat_02.png' is 64x48 but
+image 'images/cat_02.png' is 64x64``. With ``on_bad_row="stop"`` any bad row stops the run with that list; with
 ``"skip"`` the rows are left out and the report says which and why.
 
 Validated rows are plain dicts: file fields hold absolute paths, ``_line`` the 1-based manifest line.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 KINDS = ("image", "mask", "file", "text", "number", "list")
 SIZED = ("image", "mask")
@@ -35,10 +37,15 @@ class FieldSpec:
 
 @dataclass(frozen=True)
 class ManifestSchema:
-    """What a method reads from each row; ``same_size`` lists groups of image/mask fields of equal size."""
+    """What a method reads from each row; ``same_size`` lists groups of image/mask fields of equal size.
+
+    ``row_check(row, sizes) -> problems`` runs on rows whose fields passed (file fields already absolute,
+    ``sizes`` = {image/mask field: (width, height)}); it may complete the row with derived fields.
+    """
 
     fields: dict[str, FieldSpec]
     same_size: tuple[tuple[str, ...], ...] = ()
+    row_check: Callable[[dict, dict], list[str]] | None = None
 
     def __post_init__(self):
         for group in self.same_size:
@@ -128,6 +135,8 @@ def check_row(row, schema: ManifestSchema, root: Path, size_cache: dict) -> tupl
                 problems.append(f"{schema.fields[other].kind} {row[other]!r} ({other}) is {w1}x{h1} but "
                                 f"{schema.fields[present[0]].kind} {row[present[0]]!r} ({present[0]}) is "
                                 f"{w0}x{h0}")
+    if not problems and schema.row_check is not None:
+        problems += schema.row_check(out, sizes)
     return out, problems
 
 

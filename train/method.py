@@ -94,6 +94,12 @@ class TrainingMethod:
     def collate(self, items: list[dict]):
         return default_collate(items)
 
+    def sample_weights(self, dataset, ctx: TrainContext):
+        """Optional: a relative weight per dataset index. The global order then draws each epoch's
+        ``len(dataset)`` samples with replacement in proportion (seeded, independent of the process split);
+        None (the default) visits every row once per epoch."""
+        return None
+
     def training_loss(self, batch, ctx: TrainContext, rng) -> tuple[torch.Tensor, dict[str, float]]:
         """*Required.* The mean loss over the micro-batch and metrics to log (the same keys on every call and
         every rank). Draw all randomness from ``rng`` (a ``train.randomness.SampleRandom``, one generator per
