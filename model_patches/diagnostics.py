@@ -1,4 +1,5 @@
-"""Reading an AttentionRecorder: accumulated subject attention (ASA) as text and as a heatmap image."""
+"""Reading an AttentionRecorder: accumulated subject attention (ASA) and statistic latent difference (SLD) as text,
+ASA as a heatmap image."""
 from __future__ import annotations
 
 import torch
@@ -10,15 +11,18 @@ from .recycling import AttentionRecorder
 def attention_report(recorder: AttentionRecorder) -> str:
     if not recorder.per_layer:
         return "no recycled attention was recorded (was the model sampled with recycling active?)"
-    lines = ["AnyLogo accumulated subject attention (share of self-attention mass on subject tokens)",
-             "layer        mean    first step  last step  steps"]
+    lines = ["AnyLogo accumulated subject attention (ASA: share of self-attention mass on subject tokens) and",
+             "statistic latent difference (SLD: L1 between token means of delivered subject and denoising values)",
+             "layer        ASA mean  first step  last step  SLD mean  steps"]
     for name, entries in recorder.per_layer.items():
         entries = sorted(entries, key=lambda e: -e[0])  # high sigma (early) first
-        shares = [share for _, share in entries]
-        lines.append(f"{name:<12} {sum(shares) / len(shares):.4f}  {shares[0]:.4f}      {shares[-1]:.4f}     "
-                     f"{len(shares)}")
-    overall = [s for entries in recorder.per_layer.values() for _, s in entries]
-    lines.append(f"all layers   {sum(overall) / len(overall):.4f}")
+        shares = [share for _, share, _ in entries]
+        sld = sum(d for _, _, d in entries) / len(entries)
+        lines.append(f"{name:<12} {sum(shares) / len(shares):.4f}    {shares[0]:.4f}      {shares[-1]:.4f}     "
+                     f"{sld:.4f}    {len(shares)}")
+    overall = [e for entries in recorder.per_layer.values() for e in entries]
+    lines.append(f"all layers   {sum(e[1] for e in overall) / len(overall):.4f}"
+                 f"{'':27}{sum(e[2] for e in overall) / len(overall):.4f}")
     return "\n".join(lines)
 
 

@@ -74,8 +74,10 @@ class Generation:
 
 @dataclass
 class AttentionRecorder:
-    """Accumulated subject attention (ASA) per layer: the share of attention mass on subject tokens."""
-    per_layer: dict = field(default_factory=dict)     # slot name -> list of (sigma, mean share)
+    """What a recycled layer delivered (App. E): accumulated subject attention (ASA), the share of attention mass
+    on subject tokens, and the statistic latent difference (SLD), the L1 error between the token mean of the
+    delivered subject values and of the layer's own (denoising) values."""
+    per_layer: dict = field(default_factory=dict)     # slot name -> list of (sigma, mean share, SLD)
     maps: dict = field(default_factory=dict)          # slot name -> running sum of [rows, Lq] share maps
     map_counts: dict = field(default_factory=dict)
     shapes: dict = field(default_factory=dict)        # slot name -> (rows, h, w) of the layer's token grid
@@ -83,8 +85,9 @@ class AttentionRecorder:
     def __deepcopy__(self, memo):
         return self
 
-    def add(self, slot: TransformerSlot, sigma: float, share: torch.Tensor, grid: tuple[int, int]):
-        self.per_layer.setdefault(slot.name, []).append((sigma, float(share.mean())))
+    def add(self, slot: TransformerSlot, sigma: float, share: torch.Tensor, grid: tuple[int, int],
+            sld: float = float("nan")):
+        self.per_layer.setdefault(slot.name, []).append((sigma, float(share.mean()), sld))
         share = share.detach().float().cpu()
         if slot.name in self.maps and self.maps[slot.name].shape == share.shape:
             self.maps[slot.name] += share
@@ -95,6 +98,12 @@ class AttentionRecorder:
 
     def reset(self):
         self.per_layer.clear(), self.maps.clear(), self.map_counts.clear(), self.shapes.clear()
+
+
+def statistic_latent_difference(delivered: torch.Tensor, content: torch.Tensor) -> float:
+    """SLD of App. E: mean over rows and channels of |token mean of the delivered subject latents - token mean of
+    the denoising latents| ([rows, tokens, channels] each; the values, i.e. what attention mixes in)."""
+    return float((delivered.float().mean(dim=1) - content.float().mean(dim=1)).abs().mean())
 
 
 def _token_grid(extra_options, tokens: int) -> tuple[int, int]:
@@ -186,7 +195,8 @@ class RecyclingAttention:
             share = appended_key_share(q_r, k_r, k_sub, extra_options["n_heads"], kept_bias)
             sigma = extra_options.get("sigmas")
             sigma = float(sigma.flatten()[0]) if sigma is not None else float("nan")
-            status.recorder.add(self.slot, sigma, share, _token_grid(extra_options, q_r.shape[1]))
+            status.recorder.add(self.slot, sigma, share, _token_grid(extra_options, q_r.shape[1]),
+                                statistic_latent_difference(v_sub, v_r))
         return out
 
 

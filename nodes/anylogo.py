@@ -148,12 +148,14 @@ class AnyLogoApply:
 class AnyLogoAttentionReport:
     DESCRIPTION = ("Accumulated subject attention (ASA, AnyLogo Fig. 1 / App. E) of the last sampling with an "
                    "AnyLogo MODEL that had record_attention on: the share of self-attention mass the content gave "
-                   "to subject tokens, per layer, as text and as a heatmap over the image.")
+                   "to subject tokens, per layer, as text and as a heatmap over the image; and the statistic latent "
+                   "difference (SLD), the L1 gap between the token means of the delivered subject values and the "
+                   "layer's own values (small = statistically coherent transmission).")
     CATEGORY = CATEGORY
     FUNCTION = "report"
     RETURN_TYPES = ("STRING", "IMAGE")
     RETURN_NAMES = ("report", "heatmap")
-    OUTPUT_TOOLTIPS = ("Mean subject-attention share per recycled layer and step range.",
+    OUTPUT_TOOLTIPS = ("Mean subject-attention share (first/last step) and mean SLD per recycled layer.",
                        "Where the content looked at the subject (bright = more), averaged over layers and steps.")
 
     @classmethod

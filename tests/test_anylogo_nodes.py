@@ -97,6 +97,7 @@ def test_attention_report_describes_the_last_sampling(kit):
         model, {"samples": samples}, 32, 48)
     for name in ("output2.0", "output3.0", "output0.0"):
         assert name in report
+    assert "SLD" in report and "nan" not in report
     assert heatmap.shape == (1, 48, 32, 3) and 0 <= float(heatmap.min()) and float(heatmap.max()) <= 1
     patch = model.get_attachment("subject_customization.anylogo")
     assert all(len(v) == STEPS for v in patch.recorder.per_layer.values())  # reset per run, one entry per step

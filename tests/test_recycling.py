@@ -129,6 +129,11 @@ def test_recorded_share_is_the_attention_mass_on_subject_tokens(qkv, bank):
     expected = probs[..., 6:].sum(-1).mean(1)  # [rows, queries]
     torch.testing.assert_close(recorder.maps[SLOT.name], expected, atol=1e-5, rtol=1e-5)
     assert recorder.per_layer[SLOT.name][0][0] == pytest.approx(3.0)
+    # SLD (App. E) written out: |token mean of the delivered subject values - token mean of the cond rows' values|
+    v_sub = bank.values[SLOT.key].expand(2, -1, -1)
+    sld = (v_sub.mean(dim=1) - v[2:].mean(dim=1)).abs().mean()
+    assert recorder.per_layer[SLOT.name][0][2] == pytest.approx(float(sld), rel=1e-5)
+    assert float(sld) > 0
 
 
 def test_appended_key_share_chunks_queries_without_changing_the_result(qkv, bank):
