@@ -88,3 +88,17 @@ def test_trainer_refuses_another_methods_config_and_prints_resolved(tmp_path, ca
     printed = capsys.readouterr().out
     assert "method: finetune\n" in printed and "steps: 5\n" in printed
     assert FinetuneMethod.config_class is FinetuneConfig
+
+
+@pytest.mark.parametrize("name", ["anylogo_sd15", "finetune_sd15"])
+def test_shipped_example_configs_parse_with_their_trainer(name):
+    """The configs in train/configs are read by the trainer they name, every key known and every value valid."""
+    from pathlib import Path
+
+    from train.anylogo import AnyLogoConfig
+
+    path = Path(__file__).resolve().parents[1] / "train" / "configs" / f"{name}.yaml"
+    config_class = {"anylogo": AnyLogoConfig, "finetune": FinetuneConfig}[name.split("_")[0]]
+    config, _ = parse_command_line(config_class, ["--config", str(path)])
+    assert config.method == name.split("_")[0]
+    assert config.base_checkpoint.endswith(".safetensors") and config.manifest.endswith(".jsonl")

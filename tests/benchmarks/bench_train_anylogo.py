@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_train_step import PACK_ROOT, _peak_growth, _reset_peak, _saved_bytes  # also boots the host
+from bench_train_step import (_peak_growth, _reset_peak, _saved_bytes, print_table,  # also boots the host
+                              run_variants, time_trainer)
 
 import torch  # noqa: E402
 
@@ -107,22 +106,9 @@ def run_trainer(args, folder: Path, manifest: Path, device, variant: str) -> dic
     from train.anylogo import AnyLogoMethod
     from train.distributed import DistInfo
     from train.engine import Trainer
-    from train.randomness import SampleRandom
 
     trainer = Trainer(AnyLogoMethod(_config(args, folder, manifest, variant)), DistInfo(device=device))
-    trainer.prepare()
-    trainer.cfg.steps = args.warmup          # warm-up: optimizer state and the input cache get allocated
-    trainer.train()
-    trainer.start_step, trainer.cfg.steps = args.warmup, args.warmup + args.steps
-    base_bytes = _reset_peak(device)
-    trainer.train()
-    peak = _peak_growth(device, base_bytes)
-    log = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
-    times = [r["step_s"] for r in log if "step_s" in r and r["step"] > args.warmup]
-    batch = trainer.method.collate([trainer.dataset[i] for i in range(args.batch)])
-    rng = SampleRandom(0, 0, range(args.batch), device)
-    saved = _saved_bytes(lambda: trainer.method.training_loss(batch, trainer.ctx, rng)[0], trainer.ctx.base.model)
-    return {"step_s": statistics.median(times), "peak_bytes": peak, "saved_bytes": saved}
+    return time_trainer(trainer, args, folder, device)
 
 
 def worker(args) -> None:
@@ -156,26 +142,14 @@ def main() -> None:
             tiny_models.default_cache_dir() / "checkpoints" / "tiny_sd15_inpainting.safetensors", inpainting=True)
     if args.worker:
         return worker(args)
-    results = {}
-    for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--worker", variant, "--checkpoint", str(args.checkpoint),
-               "--resolution", str(args.resolution), "--batch", str(args.batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--train-layers", args.train_layers]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=PACK_ROOT)
-        if out.returncode:
-            sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    device = results["plain"]["device"]
+    results = run_variants(__file__, VARIANTS, ["--checkpoint", str(args.checkpoint), "--resolution",
+                                                str(args.resolution), "--batch", str(args.batch), "--steps",
+                                                str(args.steps), "--warmup", str(args.warmup), "--threads",
+                                                str(args.threads), "--train-layers", args.train_layers])
     print(f"AnyLogo training step, tiny SD1.5-inpainting UNet, {args.resolution}px (latent {args.resolution // 8}²), "
-          f"batch {args.batch}, train_layers={args.train_layers}, {device}, {args.threads} thread(s); median of "
-          f"{args.steps} steps after {args.warmup}")
-    print(f"{'variant':<12} {'s/step':>8} {'samples/s':>10} {'x plain':>8} {'saved for bwd MB':>17} "
-          f"{'peak growth MB':>15}")
-    plain = results["plain"]["step_s"]
-    for variant, r in results.items():
-        print(f"{variant:<12} {r['step_s']:>8.3f} {args.batch / r['step_s']:>10.2f} {r['step_s'] / plain:>8.2f} "
-              f"{r['saved_bytes'] / 2**20:>17.1f} {r['peak_bytes'] / 2**20:>15.1f}")
-
+          f"batch {args.batch}, train_layers={args.train_layers}, {results['plain']['device']}, {args.threads} "
+          f"thread(s); median of {args.steps} steps after {args.warmup}")
+    print_table(results, args.batch)
 
 if __name__ == "__main__":
     main()

@@ -154,12 +154,19 @@ def run_trainer(args, folder, manifest, device, gradient_checkpointing: bool) ->
     from train.distributed import DistInfo
     from train.engine import Trainer
     from train.finetune import FinetuneMethod
-    from train.randomness import SampleRandom
 
     trainer = Trainer(FinetuneMethod(_config(args, folder, manifest, gradient_checkpointing)),
                       DistInfo(device=device))
+    return time_trainer(trainer, args, folder, device)
+
+
+def time_trainer(trainer, args, folder, device) -> dict:
+    """Median engine step time (from metrics.jsonl) after ``args.warmup`` steps, peak memory growth over the timed
+    steps, and the bytes autograd saves for backward in one training forward of ``args.batch`` samples."""
+    from train.randomness import SampleRandom
+
     trainer.prepare()
-    trainer.cfg.steps = args.warmup          # warm-up: optimizer state, latent and text caches get allocated
+    trainer.cfg.steps = args.warmup          # warm-up: optimizer state and the input caches get allocated
     trainer.train()
     trainer.start_step, trainer.cfg.steps = args.warmup, args.warmup + args.steps
     base_bytes = _reset_peak(device)
@@ -203,25 +210,35 @@ def main() -> None:
             tiny_models.default_cache_dir() / "checkpoints" / "tiny_sd15.safetensors")
     if args.worker:
         return worker(args)
+    results = run_variants(__file__, VARIANTS, ["--checkpoint", str(args.checkpoint), "--resolution",
+                                                str(args.resolution), "--batch", str(args.batch), "--steps",
+                                                str(args.steps), "--warmup", str(args.warmup), "--threads",
+                                                str(args.threads)])
+    print(f"finetune step, tiny SD1.5 UNet, {args.resolution}px (latent {args.resolution // 8}²), batch "
+          f"{args.batch}, {results['plain']['device']}, {args.threads} thread(s); median of {args.steps} steps "
+          f"after {args.warmup}")
+    print_table(results, args.batch)
+
+
+def run_variants(script: str, variants, arguments: list[str]) -> dict:
+    """Each variant in a fresh process of ``script --worker VARIANT`` (so peak memory is its own): its JSON."""
     results = {}
-    for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--worker", variant, "--checkpoint", str(args.checkpoint),
-               "--resolution", str(args.resolution), "--batch", str(args.batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for variant in variants:
+        out = subprocess.run([sys.executable, script, "--worker", variant, *arguments], capture_output=True,
+                             text=True, check=False, cwd=PACK_ROOT)
         if out.returncode:
             sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    device = results["plain"]["device"]
-    print(f"finetune step, tiny SD1.5 UNet, {args.resolution}px (latent {args.resolution // 8}²), batch "
-          f"{args.batch}, {device}, {args.threads} thread(s); median of {args.steps} steps after {args.warmup}")
+    return results
+
+
+def print_table(results: dict, batch: int) -> None:
     print(f"{'variant':<12} {'s/step':>8} {'samples/s':>10} {'x plain':>8} {'saved for bwd MB':>17} "
           f"{'peak growth MB':>15}")
     plain = results["plain"]["step_s"]
     for variant, r in results.items():
-        print(f"{variant:<12} {r['step_s']:>8.3f} {args.batch / r['step_s']:>10.2f} {r['step_s'] / plain:>8.2f} "
+        print(f"{variant:<12} {r['step_s']:>8.3f} {batch / r['step_s']:>10.2f} {r['step_s'] / plain:>8.2f} "
               f"{r['saved_bytes'] / 2**20:>17.1f} {r['peak_bytes'] / 2**20:>15.1f}")
-
 
 if __name__ == "__main__":
     main()
