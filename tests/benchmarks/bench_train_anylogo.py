@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from bench_train_step import (_peak_growth, _reset_peak, _saved_bytes, print_table,  # also boots the host
-                              run_variants, time_trainer)
+from bench_train_step import print_table, run_variants, time_plain_steps, time_trainer  # also boots the host
 
 import torch  # noqa: E402
 
@@ -62,44 +59,15 @@ def _config(args, folder: Path, manifest: Path, variant: str):
 
 def run_plain(args, device) -> dict:
     from train.base_model import load_base
-    from train.finetune import LAYER_SETS
 
     base = load_base(args.checkpoint, device, compute_hash=False)
-    model = base.model
-    params = [p for n, p in model.named_parameters()
-              if n.startswith("diffusion_model.") and any(m in n for m in LAYER_SETS[args.train_layers])]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
     gen = torch.Generator().manual_seed(0)
     side = args.resolution // 8
     x0 = torch.randn(args.batch, 4, side, side, generator=gen).to(device)
     concat = torch.randn(args.batch, 5, side, side, generator=gen).to(device)
     tokens = (args.image_resolution // 14) ** 2 + 2      # DINOv2 class + patch tokens + the scene's global token
     context = torch.randn(args.batch, tokens, 768, generator=gen).to(device)
-    sigmas = model.model_sampling.sigmas
-
-    def loss_fn():
-        noise = torch.randn_like(x0)
-        sigma = sigmas[torch.randint(0, len(sigmas), (args.batch,))].to(device)
-        x = x0 + noise * sigma.view(-1, 1, 1, 1)
-        denoised = model.apply_model(x, sigma, c_concat=concat, c_crossattn=context, transformer_options={})
-        return torch.nn.functional.mse_loss((x - denoised) / sigma.view(-1, 1, 1, 1), noise)
-
-    times, base_bytes = [], 0
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            base_bytes = _reset_peak(device)
-        start = time.perf_counter()
-        loss_fn().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = _peak_growth(device, base_bytes)
-    return {"step_s": statistics.median(times[args.warmup:]), "peak_bytes": peak,
-            "saved_bytes": _saved_bytes(loss_fn, model)}
+    return time_plain_steps(base.model, args.train_layers, x0, context, args, device, concat=concat)
 
 
 def run_trainer(args, folder: Path, manifest: Path, device, variant: str) -> dict:

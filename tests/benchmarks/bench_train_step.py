@@ -107,31 +107,37 @@ def _config(args, folder: Path, manifest: Path, gradient_checkpointing: bool):
 
 def run_plain(args, folder, manifest, device) -> dict:
     from train.base_model import load_base
-    from train.finetune import LAYER_SETS, ImageCaptionDataset
+    from train.finetune import FinetuneMethod, ImageCaptionDataset
     from train.manifest import read_manifest
-    from train.finetune import FinetuneMethod
 
     base = load_base(args.checkpoint, device, compute_hash=False)
-    model = base.model
-    params = [p for n, p in model.named_parameters()
-              if n.startswith("diffusion_model.") and any(m in n for m in LAYER_SETS["attention"])]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
     rows = read_manifest(manifest, FinetuneMethod.manifest_schema).rows
     data = ImageCaptionDataset(rows, args.resolution)
     with torch.no_grad():
         pixels = torch.stack([data[i]["pixels"] for i in range(args.batch)])
-        x0 = model.process_latent_in(base.vae.encode(pixels)).to(device)
+        x0 = base.model.process_latent_in(base.vae.encode(pixels)).to(device)
         context = torch.cat([base.clip.encode_from_tokens(base.clip.tokenize(data[i]["caption"]))
                              for i in range(args.batch)]).to(device)
+    return time_plain_steps(base.model, "attention", x0, context, args, device)
+
+
+def time_plain_steps(model, train_layers: str, x0, context, args, device, concat=None) -> dict:
+    """A hand-written denoising step on fixed latents (eps-MSE, backward, AdamW on the ``train_layers`` UNet
+    weights), timed over ``args.steps`` after ``args.warmup``, with the same memory measurements as the engine."""
+    from train.finetune import LAYER_SETS
+
+    params = [p for n, p in model.named_parameters()
+              if n.startswith("diffusion_model.") and any(m in n for m in LAYER_SETS[train_layers])]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
     sigmas = model.model_sampling.sigmas
 
     def loss_fn():
         noise = torch.randn_like(x0)
-        sigma = sigmas[torch.randint(0, len(sigmas), (args.batch,))].to(device)
+        sigma = sigmas[torch.randint(0, len(sigmas), (x0.shape[0],))].to(device)
         x = x0 + noise * sigma.view(-1, 1, 1, 1)
-        denoised = model.apply_model(x, sigma, c_crossattn=context, transformer_options={})
+        denoised = model.apply_model(x, sigma, c_concat=concat, c_crossattn=context, transformer_options={})
         return torch.nn.functional.mse_loss((x - denoised) / sigma.view(-1, 1, 1, 1), noise)
 
     times, base_bytes = [], 0
