@@ -62,8 +62,8 @@ def build_data(root: Path, args):
                                          seed=0, prefix="train")
     held = logo_scenes.make_pairs(args.held_out, scene_size=64, region=32, subjects=SUBJECTS_ALL, seed=1,
                                   prefix="held")
-    logo_scenes.write_pairs(root / "train", train_pairs, scene_size=64, subject_size=64)
-    logo_scenes.write_pairs(root / "held", held, scene_size=64, subject_size=64)
+    logo_scenes.write_pairs(root / "train", train_pairs, scene_size=64, subject_size=args.subject_size)
+    logo_scenes.write_pairs(root / "held", held, scene_size=64, subject_size=args.subject_size)
     for name in ("train", "held"):
         if cli([str(root / name), "--out", str(root / name / "manifest.jsonl"), "--method", "anylogo"]) != 0:
             raise RuntimeError(f"could not build the {name} manifest")
@@ -101,7 +101,7 @@ def make_trainer(args, root: Path, manifest: Path, name: str, positions: str, th
     cfg = AnyLogoConfig(
         method="anylogo", base_checkpoint=str(checkpoint), manifest=str(manifest),
         output_dir=str(root / name.split()[0].strip("()")), image_encoder=str(weights),
-        image_encoder_config=str(config), resolution=64, subject_size=64, batch_size=args.batch,
+        image_encoder_config=str(config), resolution=64, subject_size=args.subject_size, batch_size=args.batch,
         steps=args.steps, learning_rate=args.lr, train_layers=args.train_layers, recycling_positions=positions,
         sparse_threshold=threshold, zoom_in=False, augment_subject=False, seed=args.seed,
         checkpoint_every=10 ** 6, progress=False, resume="never", validation_count=0)
@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--train-layers", default="attention", choices=("attention", "cross_attention", "full"))
     parser.add_argument("--train-pairs", type=int, default=32)
     parser.add_argument("--held-out", type=int, default=8)
+    parser.add_argument("--subject-size", type=int, default=64,
+                        help="side of the subject image and of its latent x8 (32 = the region's own scale)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -222,7 +224,8 @@ def main() -> None:
             gc.collect()
 
     print(f"AnyLogo miniature: tiny SD1.5-inpainting UNet, 64 px scenes (8x8 latents), {args.train_pairs} training "
-          f"pairs, batch {args.batch}, {args.steps} steps, lr {args.lr}, train_layers={args.train_layers}, seed "
+          f"pairs, subject {args.subject_size} px, batch {args.batch}, {args.steps} steps, lr {args.lr}, "
+          f"train_layers={args.train_layers}, seed "
           f"{args.seed}, CPU {args.threads} threads; latent std of the training scenes {latent_std:.3f}")
     print(f"{'run':<24} {'loss first10':>12} {'last10':>8} {'region first10':>15} {'last10':>8} {'train s':>8}")
     for name, (l0, l1, r0, r1, seconds) in curves.items():
