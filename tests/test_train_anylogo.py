@@ -432,3 +432,18 @@ def test_a_four_channel_base_is_refused(tmp_path, model_dirs, logo_manifest, din
                        base_checkpoint=str(model_dirs["checkpoints"] / "tiny_sd15.safetensors"))
     assert main(["--config", str(cfg), "--output_dir", str(tmp_path / "out")]) == 2
     assert "starts from an SD1.5-inpainting (9-channel) UNet; tiny_sd15.safetensors is sd15" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "image encoder not found"),
+    (b"not a safetensors file", "could not load image encoder encoder.safetensors (expected a DINOv2 .safetensors"),
+])
+def test_a_missing_or_corrupt_image_encoder_is_refused_with_a_message(tmp_path, model_dirs, logo_manifest,
+                                                                      dinov2_files, capsys, content, message):
+    encoder = tmp_path / "encoder.safetensors"
+    if content is not None:
+        encoder.write_bytes(content)
+    cfg = _config_file(tmp_path / "cfg.yaml", model_dirs, logo_manifest, dinov2_files, steps=1)
+    assert main(["--config", str(cfg), "--output_dir", str(tmp_path / "out"), "--image_encoder", str(encoder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -146,12 +146,13 @@ def load_image_encoder(path, config_path: str = ""):
             raise BaseModelError(f"ComfyUI does not recognise {name} as a CLIP-vision/DINOv2 file (it detects "
                                  "the full-size layouts); give image_encoder_config for another size")
         vf.require_kind(encoder, vf.DINOV2, "the AnyLogo trainer")
+    except BaseModelError:
+        raise
     except vf.VisionModelError as e:
         raise BaseModelError(str(e)) from None
-    except (OSError, RuntimeError, ValueError) as e:
-        if isinstance(e, BaseModelError):
-            raise
-        raise BaseModelError(f"could not load image encoder {name}: {e}") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or non-safetensors files
+        raise BaseModelError(f"could not load image encoder {name} (expected a DINOv2 .safetensors file): "
+                             f"{type(e).__name__}: {e}") from None
     encoder.model.requires_grad_(False)
     return encoder
 
