@@ -5,6 +5,10 @@ Pillow on coloured badges. A pair pastes its subject (resized to the region) int
 the pasted scene is the training target, the region its mask, the subject image the condition. Pairs are
 written in the AnyLogo folder layout (``SOURCE/NAME.png``, ``_mask.png``, ``_subject.png``), the source being
 ``logo`` or ``glyphs``. scikit-image is a development requirement only.
+
+A pair may also carry a ``hint`` box: the same subject pasted a second time, outside the region, so the region's
+content is visible elsewhere in the scene. Inpainting such scenes teaches a UNet's self-attention to fetch
+matching content from another place (the correspondence a pretrained SD UNet brings to model recycling).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ class Pair:
     photo: str
     subject: int          # 0 = scikit-image's logo, k >= 1 = the k-th letter badge
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 in scene pixels
+    hint: tuple[int, int, int, int] | None = None  # a second, visible copy of the subject (outside the box)
 
     @property
     def source(self) -> str:
@@ -78,11 +83,32 @@ def make_pairs(count: int, *, scene_size: int, region: int, subjects: range, pho
     return pairs
 
 
+def make_hint_pairs(count: int, *, scene_size: int, region: int, subjects: range, photos=PHOTOS, seed: int = 0,
+                    prefix: str = "hint") -> list[Pair]:
+    """Like ``make_pairs``, each with a ``hint`` box of the region's size on the latent grid that does not
+    overlap the region."""
+    rng = np.random.default_rng(seed)
+    cells = (scene_size - region) // 8 + 1
+    slots = [(int(x) * 8, int(y) * 8) for x in range(cells) for y in range(cells)]
+    pairs = []
+    for i in range(count):
+        while True:
+            (x0, y0), (hx, hy) = (slots[int(k)] for k in rng.integers(0, len(slots), size=2))
+            if abs(x0 - hx) >= region or abs(y0 - hy) >= region:
+                break
+        pairs.append(Pair(f"{prefix}_{i:03d}", photos[int(rng.integers(len(photos)))],
+                          int(rng.choice(list(subjects))), (x0, y0, x0 + region, y0 + region),
+                          (hx, hy, hx + region, hy + region)))
+    return pairs
+
+
 def render(pair: Pair, scene_size: int, subject_size: int):
-    """(target scene with the subject pasted, region mask, subject image) as PIL images."""
+    """(target scene with the subject pasted, and at its hint box if any; region mask; subject image) as PIL."""
     scene = photo(pair.photo, scene_size)
     x0, y0, x1, y1 = pair.box
     scene.paste(subject(pair.subject, x1 - x0), (x0, y0))
+    if pair.hint is not None:
+        scene.paste(subject(pair.subject, pair.hint[2] - pair.hint[0]), pair.hint[:2])
     mask = Image.new("L", scene.size, 0)
     ImageDraw.Draw(mask).rectangle([x0, y0, x1 - 1, y1 - 1], fill=255)
     return scene, mask, subject(pair.subject, subject_size)

@@ -88,6 +88,23 @@ def test_prepare_manifest_builds_sources_and_boxes_and_reports_skipped_rows(tmp_
     assert item["source"] == data.DEFAULT_SOURCE
 
 
+def test_hint_scenes_show_the_region_subject_a_second_time_outside_the_region():
+    import dataclasses
+
+    import numpy as np
+
+    pairs = logo_scenes.make_hint_pairs(12, scene_size=64, region=32, subjects=range(0, 4), seed=5)
+    for pair in pairs:
+        (x0, y0, x1, y1), (hx, hy, hx1, hy1) = pair.box, pair.hint
+        assert hx1 - hx == x1 - x0 == 32 and hy1 - hy == 32 and hx % 8 == hy % 8 == 0 and hx1 <= 64 >= hy1
+        assert hx >= x1 or hx1 <= x0 or hy >= y1 or hy1 <= y0          # the copy stays outside the region
+        scene, mask, _ = logo_scenes.render(pair, 64, 32)
+        pixels = np.asarray(scene, dtype=np.int16)
+        assert np.array_equal(pixels[y0:y1, x0:x1], pixels[hy:hy1, hx:hx1])  # the same subject at both places
+        assert not np.asarray(mask)[hy:hy1, hx:hx1].any()
+        plain = np.asarray(logo_scenes.render(dataclasses.replace(pair, hint=None), 64, 32)[0], dtype=np.int16)
+        assert np.abs(plain[hy:hy1, hx:hx1] - pixels[hy:hy1, hx:hx1]).mean() > 5  # without the hint: photo
+
 def test_zoom_window_contains_the_region_inside_the_scene():
     box, height, width = (30, 10, 50, 26), 60, 90          # region 20 x 16
     for seed in range(60):
