@@ -1,6 +1,6 @@
 """AnyLogo's ablations in miniature (Table 3: recycling vs blocked flow; Table 4: decoder vs encoder positions).
 
-Run: COMFYUI_PATH=/opt/ComfyUI $V/bin/python tests/benchmarks/miniature_anylogo.py   (about 75 min on 2 cores)
+Run: COMFYUI_PATH=/opt/ComfyUI $V/bin/python tests/benchmarks/miniature_anylogo.py   (about 80 min on 2 cores)
 
 Data (``standalone/logo_scenes.py``, bundled material only): scikit-image photos as 64 px scenes; scikit-image's
 logo and Pillow letter badges as subjects, pasted into a 32 px square region. AnyLogo training pairs use the logo
