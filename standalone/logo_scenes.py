@@ -90,6 +90,9 @@ def make_hint_pairs(count: int, *, scene_size: int, region: int, subjects: range
     rng = np.random.default_rng(seed)
     cells = (scene_size - region) // 8 + 1
     slots = [(int(x) * 8, int(y) * 8) for x in range(cells) for y in range(cells)]
+    if region <= 0 or (cells - 1) * 8 < region:
+        raise ValueError(f"two {region} px boxes on the 8 px grid cannot both fit, apart, in a {scene_size} px "
+                         f"scene (the region may be at most half the scene, rounded down to 8 px)")
     pairs = []
     for i in range(count):
         while True:

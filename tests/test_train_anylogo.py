@@ -104,6 +104,9 @@ def test_hint_scenes_show_the_region_subject_a_second_time_outside_the_region():
         assert not np.asarray(mask)[hy:hy1, hx:hx1].any()
         plain = np.asarray(logo_scenes.render(dataclasses.replace(pair, hint=None), 64, 32)[0], dtype=np.int16)
         assert np.abs(plain[hy:hy1, hx:hx1] - pixels[hy:hy1, hx:hx1]).mean() > 5  # without the hint: photo
+    with pytest.raises(ValueError, match="cannot both fit, apart, in a 64 px scene"):
+        logo_scenes.make_hint_pairs(1, scene_size=64, region=40, subjects=range(0, 2))
+
 
 def test_zoom_window_contains_the_region_inside_the_scene():
     box, height, width = (30, 10, 50, 26), 60, 90          # region 20 x 16
