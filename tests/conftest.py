@@ -21,6 +21,27 @@ import torch  # noqa: E402
 from standalone import tiny_models  # noqa: E402
 
 
+class _PackRootIsADirectoryNotAPackage:
+    """Collect the pack root as a plain directory, whatever the folder is called.
+
+    The root __init__.py is ComfyUI's entry point to the pack (relative imports, loaded by ComfyUI's custom-node
+    loader). pytest would import it as a package __init__ while collecting, and where the folder name is not a
+    Python identifier (`comfyui-subject-customization`, the name users clone into) it imports it as a top-level
+    module, which fails. A registered plugin rather than a conftest hook: conftest hooks only see paths below
+    tests/, and the pack root is above it. Runs whatever the working directory is.
+    """
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if Path(path) == PACK_ROOT:
+            return pytest.Dir.from_parent(parent, path=Path(path))
+        return None
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_PackRootIsADirectoryNotAPackage(), "subject-customization-pack-root")
+
+
 @pytest.fixture(scope="session")
 def tiny_cache_dir() -> Path:
     path = tiny_models.default_cache_dir()
