@@ -31,10 +31,43 @@ def _is_widget(spec: tuple) -> bool:
     return (isinstance(kind, list) or kind in WIDGET_TYPES) and not _options(spec).get("forceInput", False)
 
 
-def _extra_widget_values(spec: tuple) -> int:
-    """Front-end widgets that add a value after this one: the seed control and the image upload button."""
-    opts = _options(spec)
-    return int(bool(opts.get("control_after_generate"))) + int(bool(opts.get("image_upload")))
+# The front end adds widgets that have no input of their own, and their values take slots in the UI file's
+# `widgets_values` (comfyui_frontend_package 1.27, read from its bundle):
+#  - a "control after generate" combo right after an INT widget whose spec sets `control_after_generate`, or,
+#    when the spec leaves it unset, whose name is `seed` or `noise_seed` (legacy convention; an explicit False
+#    turns it off), and after a COMBO widget whose spec sets it;
+#  - an upload button for the first required COMBO with `image_upload` (or video/animated upload), appended to
+#    the *required* inputs, so its value comes after every required widget and before the optional ones.
+SEED_NAMES = ("seed", "noise_seed")
+UPLOAD_FLAGS = ("image_upload", "video_upload", "animated_image_upload")
+
+
+def _has_control_widget(name: str, spec: tuple) -> bool:
+    setting = _options(spec).get("control_after_generate")
+    if isinstance(spec[0], list) or spec[0] == "COMBO":
+        return bool(setting)
+    if spec[0] == "INT":
+        return bool(setting) if setting is not None else name in SEED_NAMES
+    return False
+
+
+def widget_slots(node_cls) -> list[tuple[str, str | None]]:
+    """The node's `widgets_values` layout in the front end: (kind, input name) per slot, kind being
+    "value" (the input's own widget), "control" (its control-after-generate combo) or "upload" (name None)."""
+    spec = node_cls.INPUT_TYPES()
+    slots: list[tuple[str, str | None]] = []
+    for group in ("required", "optional"):
+        entries = [(name, s if isinstance(s, tuple) else (s,)) for name, s in spec.get(group, {}).items()]
+        for name, input_spec in entries:
+            if _is_widget(input_spec):
+                slots.append(("value", name))
+                if _has_control_widget(name, input_spec):
+                    slots.append(("control", name))
+        if group == "required" and any(
+                (isinstance(s[0], list) or s[0] == "COMBO") and any(_options(s).get(f) for f in UPLOAD_FLAGS)
+                for _, s in entries):
+            slots.append(("upload", None))
+    return slots
 
 
 def ui_to_api(ui: dict, node_classes: dict) -> dict:
@@ -53,19 +86,19 @@ def ui_to_api(ui: dict, node_classes: dict) -> dict:
             if inp.get("link") is not None:
                 link = links[inp["link"]]
                 inputs[inp["name"]] = [str(link[1]), link[2]]
-        values = list(node.get("widgets_values") or [])
-        position = 0
-        for name, spec in _ordered_inputs(node_cls):
-            if not _is_widget(spec):
+        values = node.get("widgets_values") or []
+        if isinstance(values, dict):  # some front-end extensions store widgets by name
+            raise ValueError(f"node {node['id']} ({node['type']}) stores widgets_values as a dict")
+        specs = dict(_ordered_inputs(node_cls))
+        for position, (kind, name) in enumerate(widget_slots(node_cls)):
+            if kind != "value" or name in inputs:
                 continue
-            if name not in inputs:
-                if position < len(values):
-                    inputs[name] = values[position]
-                elif "default" in _options(spec):  # the front end leaves untouched defaults out
-                    inputs[name] = _options(spec)["default"]
-                else:
-                    raise ValueError(f"node {node['id']} ({node['type']}) has no value for widget {name!r}")
-            position += 1 + _extra_widget_values(spec)
+            if position < len(values):
+                inputs[name] = values[position]
+            elif "default" in _options(specs[name]):  # the front end leaves untouched defaults out
+                inputs[name] = _options(specs[name])["default"]
+            else:
+                raise ValueError(f"node {node['id']} ({node['type']}) has no value for widget {name!r}")
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
 
@@ -87,12 +120,22 @@ def _depths(prompt: dict) -> dict[str, int]:
     return depth
 
 
+def _estimated_height(n_inputs: int, n_outputs: int, widgets: list, has_upload: bool) -> int:
+    """About the height the frontend gives the node (slots, widgets, an image loader's preview), so that the
+    columns of a generated workflow do not overlap when it opens."""
+    height = 10 + 22 * max(n_inputs, n_outputs) + 26 * len(widgets)
+    if has_upload:  # an image loader: the frontend draws the picture below its widgets
+        height += 260
+    height += sum(80 for value in widgets if isinstance(value, str) and len(value) > 40)  # multiline text
+    return height
+
+
 def api_to_ui(prompt: dict, node_classes: dict) -> dict:
     depth = _depths(prompt)
     order = sorted(prompt, key=lambda n: (depth[n], int(n)))
     links, nodes = [], []
     outputs: dict[tuple[str, int], list[int]] = {}
-    rows_at_depth: dict[int, int] = {}
+    column_tops: dict[int, int] = {}
     for nid in order:
         for name, value in prompt[nid]["inputs"].items():
             if isinstance(value, list):
@@ -100,7 +143,7 @@ def api_to_ui(prompt: dict, node_classes: dict) -> dict:
     for index, nid in enumerate(order):
         entry = prompt[nid]
         node_cls = node_classes[entry["class_type"]]
-        inputs, widgets = [], []
+        inputs, widget_values = [], {}
         for name, spec in _ordered_inputs(node_cls):
             value = entry["inputs"].get(name)
             if isinstance(value, list):
@@ -117,17 +160,18 @@ def api_to_ui(prompt: dict, node_classes: dict) -> dict:
             elif not _is_widget(spec):
                 inputs.append({"name": name, "type": spec[0], "link": None})
             if _is_widget(spec):
-                widgets.append(value if not isinstance(value, list) else _options(spec).get("default"))
-                if _options(spec).get("control_after_generate"):
-                    widgets.append("fixed")
-                if _options(spec).get("image_upload"):
-                    widgets.append("image")
+                widget_values[name] = value if not isinstance(value, list) else _options(spec).get("default")
+        # "fixed" keeps a shipped workflow reproducible; the upload button's value is the word "image"
+        widgets = [widget_values[name] if kind == "value" else "fixed" if kind == "control" else "image"
+                   for kind, name in widget_slots(node_cls)]
         names = getattr(node_cls, "RETURN_NAMES", None) or node_cls.RETURN_TYPES
-        row = rows_at_depth.get(depth[nid], 0)
-        rows_at_depth[depth[nid]] = row + 1
+        height = _estimated_height(len(inputs), len(node_cls.RETURN_TYPES), widgets,
+                                   any(kind == "upload" for kind, _ in widget_slots(node_cls)))
+        top = column_tops.get(depth[nid], 60)
+        column_tops[depth[nid]] = top + height + 70  # room for the next node's title bar
         nodes.append({
-            "id": int(nid), "type": entry["class_type"], "pos": [60 + 380 * depth[nid], 60 + 260 * row],
-            "size": [340, 60 + 26 * (len(inputs) + len(widgets))], "flags": {}, "order": index, "mode": 0,
+            "id": int(nid), "type": entry["class_type"], "pos": [60 + 400 * depth[nid], top],
+            "size": [340, height], "flags": {}, "order": index, "mode": 0,
             "inputs": inputs,
             "outputs": [{"name": n, "type": t, "links": outputs.get((nid, i), []), "slot_index": i}
                         for i, (n, t) in enumerate(zip(names, node_cls.RETURN_TYPES))],
