@@ -44,3 +44,29 @@ def test_ui_to_api_rejects_unknown_node_types(comfy):
     ui["nodes"][0]["type"] = "NoSuchNode"
     with pytest.raises(KeyError, match="NoSuchNode"):
         ui_to_api(ui, comfy.NODE_CLASS_MAPPINGS)
+
+
+def test_widget_slots_follow_the_frontends_rules():
+    from standalone.workflow_format import widget_slots
+
+    class Node:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"model": ("MODEL",), "image": (["a.png"], {"image_upload": True}),
+                                 "seed": ("INT", {"default": 0}), "noise_seed": ("INT", {"control_after_generate": False}),
+                                 "count": ("INT", {"control_after_generate": True}),
+                                 "pick": (["x", "y"], {"control_after_generate": True}), "linked": ("INT", {"forceInput": True})},
+                    "optional": {"strength": ("FLOAT", {"default": 1.0}), "seed2": ("INT", {})}}
+
+    # the upload button closes the required group; explicit False wins over the seed-name convention
+    assert widget_slots(Node) == [("value", "image"), ("value", "seed"), ("control", "seed"), ("value", "noise_seed"),
+                                  ("value", "count"), ("control", "count"), ("value", "pick"), ("control", "pick"),
+                                  ("upload", None), ("value", "strength"), ("value", "seed2")]
+
+
+def test_stock_image_mask_loader_has_its_upload_button_last(comfy):
+    from standalone.workflow_format import widget_slots
+
+    # as the frontend saves it, e.g. ["name.png", "alpha", "image"]; tests/test_frontend.py checks it in the browser
+    assert widget_slots(comfy.NODE_CLASS_MAPPINGS["LoadImageMask"]) == [
+        ("value", "image"), ("value", "channel"), ("upload", None)]
