@@ -1,6 +1,13 @@
-"""Input images the demo and the workflow tests write into ComfyUI's input folder (drawn, not shipped)."""
+"""The example workflows' input images: drawn here, shipped as PNG files in example_inputs/.
+
+The shipped files are what users and the tests get (the pack copies the missing ones into ComfyUI's input
+folder when it loads: nodes/example_inputs.py). The drawing code is how they were made; after changing it,
+`python -m standalone.demo_assets` rewrites example_inputs/. Files are not redrawn at run time because Pillow's
+default font differs between Pillow versions.
+"""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -69,13 +76,29 @@ DEMO_INPUTS = {"two_badges.png": two_badges_scene, "anylogo_logo.png": logo, "sh
                "product_mask.png": product_mask}
 
 
+EXAMPLE_INPUTS_DIR = Path(__file__).resolve().parent.parent / "example_inputs"
+
+
 def write_demo_inputs(input_dir: Path | str) -> list[Path]:
+    """Copy the shipped example images into input_dir, keeping any file already there under the same name."""
     input_dir = Path(input_dir)
     input_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, draw in DEMO_INPUTS.items():
+    for name in DEMO_INPUTS:
         path = input_dir / name
         if not path.exists():
-            draw().save(path)
+            shutil.copyfile(EXAMPLE_INPUTS_DIR / name, path)
         written.append(path)
     return written
+
+
+def main() -> int:
+    EXAMPLE_INPUTS_DIR.mkdir(exist_ok=True)
+    for name, draw in DEMO_INPUTS.items():
+        draw().save(EXAMPLE_INPUTS_DIR / name, optimize=True)
+        print(f"wrote example_inputs/{name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -57,6 +57,11 @@ def init_comfyui(pack_dir: Path | str = PACK_ROOT, *, output_dir=None, input_dir
 
     import folder_paths
 
+    # before the pack loads: it copies the example images into the input folder
+    if output_dir is not None:
+        folder_paths.set_output_directory(str(output_dir))
+    if input_dir is not None:
+        folder_paths.set_input_directory(str(input_dir))
     root = logging.getLogger()
     quiet = root.level >= logging.WARNING
     if quiet:  # ComfyUI warns about each optional core module it cannot use (e.g. audio without torchaudio)
@@ -79,10 +84,6 @@ def init_comfyui(pack_dir: Path | str = PACK_ROOT, *, output_dir=None, input_dir
             raise RuntimeError(f"ComfyUI's custom-node loader could not import the pack at {pack_dir}; "
                                "its log above holds the traceback")
         _loaded_packs[pack_dir] = ok
-    if output_dir is not None:
-        folder_paths.set_output_directory(str(output_dir))
-    if input_dir is not None:
-        folder_paths.set_input_directory(str(input_dir))
     for folder, path in (extra_model_dirs or {}).items():
         folder_paths.add_model_folder_path(folder, str(path), is_default=True)
     return nodes
