@@ -28,22 +28,24 @@ class Substitution:
     stand_in: str
 
 
-def _build_stand_in(folder: str, wanted: str, cache: Path) -> str:
+def stand_in_file(folder: str, wanted: str, cache: Path | None = None) -> Path:
+    """The stand-in for the file `wanted` of a model folder, built on first use into cache/folder/."""
+    cache = Path(cache or tiny_models.default_cache_dir())
     lowered = wanted.lower()
     if folder == "checkpoints":
         inpainting = "inpaint" in lowered
-        name = "tiny_sd15_inpainting.safetensors" if inpainting else "tiny_sd15.safetensors"
-        tiny_models.build_sd15_checkpoint(cache / folder / name, inpainting=inpainting)
-        return name
+        path = cache / folder / ("tiny_sd15_inpainting.safetensors" if inpainting else "tiny_sd15.safetensors")
+        tiny_models.build_sd15_checkpoint(path, inpainting=inpainting)
+        return path
     if folder == "clip_vision":
         kind = "dinov2_large" if "dino" in lowered else "clip_vit_l"
-        name = f"random_{kind}.safetensors"
-        tiny_models.build_full_layout_vision_file(cache / folder / name, kind)
-        return name
+        path = cache / folder / f"random_{kind}.safetensors"
+        tiny_models.build_full_layout_vision_file(path, kind)
+        return path
     if folder == "anylogo":
-        name = "random_anylogo_sd15_inpainting.safetensors"
-        tiny_models.build_anylogo_weights(cache / folder / name, inpainting=True)
-        return name
+        path = cache / folder / "random_anylogo_sd15_inpainting.safetensors"
+        tiny_models.build_anylogo_weights(path, inpainting=True)
+        return path
     raise KeyError(f"no stand-in is known for the model folder {folder!r}")
 
 
@@ -70,7 +72,7 @@ def substitute_stand_ins(prompt: dict, cache: Path | None = None) -> tuple[dict,
     done = []
     for node_id, node_type, input_name, wanted in missing_weights(prompt):
         folder = LOADER_INPUTS[(node_type, input_name)]
-        stand_in = _build_stand_in(folder, wanted, cache)
+        stand_in = stand_in_file(folder, wanted, cache).name
         folder_paths.add_model_folder_path(folder, str(cache / folder))
         prompt[node_id]["inputs"][input_name] = stand_in
         done.append(Substitution(node_id, node_type, input_name, wanted, stand_in))

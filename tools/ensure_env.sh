@@ -20,6 +20,26 @@ key="$(cat "$comfy/requirements.txt" "$pack_root/requirements.txt" "$pack_root/r
         <(echo "$TORCH_SPEC") <("$PYTHON" -c 'import sys; print(sys.version_info[:2])') | sha256sum | cut -c1-16)"
 venv="$cache_root/venv-$key"
 
+# The frontend test drives the system Chromium (Debian's package): never a browser downloaded by a test tool.
+ensure_chromium() {
+  local candidate
+  for candidate in "${SUBJECT_CUSTOMIZATION_CHROMIUM:-}" /usr/bin/chromium /usr/bin/chromium-browser /usr/bin/google-chrome; do
+    [ -n "$candidate" ] && [ -x "$candidate" ] && return 0
+  done
+  local sudo=()
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && sudo -n true 2>/dev/null && sudo=(sudo -n)
+  if command -v apt-get >/dev/null && { [ "$(id -u)" -eq 0 ] || [ ${#sudo[@]} -gt 0 ]; }; then
+    echo "installing Debian's chromium for the frontend test (apt-get)" >&2
+    if "${sudo[@]}" apt-get install -y -qq chromium >&2 2>/dev/null || \
+       { "${sudo[@]}" apt-get update -qq >&2 && "${sudo[@]}" apt-get install -y -qq chromium >&2; }; then
+      return 0
+    fi
+  fi
+  echo "warning: no Chromium found and it could not be installed here; tests/test_frontend.py will fail." >&2
+  echo "  Install it (Debian/Ubuntu: apt-get install chromium) or set SUBJECT_CUSTOMIZATION_CHROMIUM." >&2
+}
+ensure_chromium
+
 if [ -f "$venv/.complete" ]; then
   echo "reusing venv $venv" >&2
   echo "$venv"
