@@ -101,7 +101,7 @@ def image_rows(node, name, *, executor=()):
     bad = {
         (1, "nan"): (lambda c: poisoned(img(), (0, 3, 5, 1)), "holds 1 non-finite value (1 NaN) of 3072, the first "
                      "at image 0, y 3, x 5, channel 1"),
-        (1, "inf"): (lambda c: poisoned(img(batch=2), (1, 0, 0), INF), "3 non-finite values (3 inf)"),
+        (1, "inf"): (lambda c: poisoned(img(), (0, 0, 0), INF), "3 non-finite values (3 inf) of 3072"),
         (2, "empty"): (lambda c: img(batch=0), f"{name} is an empty batch"),
         (6, "rgba"): (lambda c: img(channels=4), f"{name} has 4 channels (RGBA); expected 3 (RGB)"),
         (6, "zero_width"): (lambda c: img(width=0), f"{name} is 0x32 pixels (width x height); expected at least"),
