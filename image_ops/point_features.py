@@ -49,6 +49,10 @@ def patch_tokens(clip_vision, images: torch.Tensor, layer: int = -1, size: int =
         lower = max(patch, size // patch * patch)
         raise PointsError(f"encoder size {size} is not a multiple of this model's {patch}-pixel patch: use e.g. "
                           f"{lower} or {lower + patch}")
+    if size < 2 * patch:
+        raise PointsError(f"encoder size {size} gives a {size // patch}x{size // patch} patch grid with this "
+                          f"model's {patch}-pixel patches: one patch has nothing to compare with, the mask would "
+                          f"be the whole image. Use at least {2 * patch} ({16 * patch} = the paper's 16x16 grid)")
     height, width = images.shape[-2:]
     if height < patch or width < patch:
         raise PointsError(f"the image is {width}x{height} pixels, smaller than one {patch}x{patch} patch of the "

@@ -69,6 +69,7 @@ def selection_score(tokens: torch.Tensor, grid: tuple[int, int], positive: list[
 
 def otsu_foreground(score: np.ndarray, blur_sigma: float) -> np.ndarray:
     """Gaussian (sigma in patches; 0 = none), 8-bit min-max stretch, Otsu: boolean foreground [gh, gw]."""
+    _check_blur(blur_sigma)
     score = np.ascontiguousarray(score, dtype=np.float32)
     if blur_sigma > 0:
         score = cv2.GaussianBlur(score, (0, 0), sigmaX=float(blur_sigma), sigmaY=float(blur_sigma))
@@ -78,6 +79,12 @@ def otsu_foreground(score: np.ndarray, blur_sigma: float) -> np.ndarray:
     levels = np.round((score - low) * (255.0 / (high - low))).astype(np.uint8)
     threshold, _ = cv2.threshold(levels, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
     return levels > threshold
+
+
+def _check_blur(blur_sigma: float) -> None:
+    # NaN passes "< 0" and fails "> 0", so without this it would quietly act as no blur
+    if not math.isfinite(blur_sigma) or blur_sigma < 0:
+        raise PointsError(f"blur sigma must be a finite number >= 0 (in patches), got {blur_sigma}")
 
 
 def keep_clicked_components(foreground: np.ndarray, positive: list[Cell], negative: list[Cell]) -> np.ndarray:
@@ -114,8 +121,18 @@ def points_to_mask(tokens: torch.Tensor, grid: tuple[int, int], height: int, wid
     """Mask [H, W] (0/1 float) of the subject under the positive points of one image; points in pixels."""
     if not positives:
         raise PointsError("no positive point: give at least one point on the subject to select")
-    if blur_sigma < 0 or dilation_px < 0:
-        raise PointsError(f"blur sigma and dilation must be >= 0, got {blur_sigma} and {dilation_px}")
+    _check_blur(blur_sigma)
+    if dilation_px < 0:
+        raise PointsError(f"dilation must be >= 0, got {dilation_px}")
+    if grid[0] * grid[1] < 2 or min(grid) < 1:
+        raise PointsError(f"a {grid[0]}x{grid[1]} patch grid has nothing to compare the clicked patch with (the "
+                          "mask would be the whole image): use an encoder size of at least two patches per side")
+    # a NaN token loses every comparison: its patch would silently drop out of the mask (or take the mask down)
+    # (image_ops cannot reach model_patches.finite when trainers import it as a top-level package)
+    bad = int((~torch.isfinite(tokens)).sum())
+    if bad:
+        raise PointsError(f"the patch tokens hold {bad} non-finite values (NaN/inf) of {tokens.numel()}; expected "
+                          "finite features: the image or the CLIP vision model gives NaN/inf")
     pos_cells = _cells(positives, width, height, grid)
     neg_cells = _cells(negatives, width, height, grid)
     for i, cell in enumerate(pos_cells):

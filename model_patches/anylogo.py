@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import extra_pass
+from .finite import require_finite, require_finite_number
 from .image_context import POSITIVE_COND_KEY, ImageContextPatch
 from .recycling import (STATUS_KEY, AttentionRecorder, Extraction, Generation, SignatureBank, StopExtraction,
                         install_recycling, replacements_at_call_time,
@@ -39,10 +40,18 @@ class RecyclingSettings:
     def __post_init__(self):
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {sorted(POSITIONS)}, got {self.positions!r}")
-        if not 0.0 <= self.threshold <= 1.0:
+        # NaN compares false with every bound: without the finiteness checks a NaN strength would pass and
+        # silently disable recycling (active() tests strength > 0), a NaN sigma bound would switch it off
+        threshold = require_finite_number(self.threshold, "the recycling threshold",
+                                          hint="Λ in [0, 1] (1 = every layer transmits)")
+        if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"the recycling threshold must be in [0, 1], got {self.threshold}")
-        if self.strength < 0:
+        strength = require_finite_number(self.strength, "the recycling strength", hint=">= 0 (1 = Eq. 4)")
+        if strength < 0:
             raise ValueError(f"strength must be >= 0, got {self.strength}")
+        for name in ("sigma_start", "sigma_end"):
+            if math.isnan(float(getattr(self, name))):
+                raise ValueError(f"{name} is NaN; expected a sigma (inf for 'from the first step')")
         if self.subject_concat not in SUBJECT_CONCAT:
             raise ValueError(f"subject_concat must be one of {SUBJECT_CONCAT}, got {self.subject_concat!r}")
 
@@ -85,6 +94,18 @@ class AnyLogoPatch:
 
     # -- installation -------------------------------------------------------------------------------------
     def install(self, model_patcher) -> None:
+        # Two patches cannot share one model: each calc_cond_batch wrapper puts its own Generation status in
+        # transformer_options, so the inner one hides the outer one's bank and the first application's layers
+        # would silently fall back to plain attention (and a second weight file or image context would
+        # override the first). Refuse it here, where every caller (node, other packs, trainers) passes.
+        present = model_patcher.get_attachment(ATTACHMENT)
+        if present is not None:
+            raise ValueError(
+                f"this MODEL already has AnyLogo applied ({present.describe()}); AnyLogo applies once per model. "
+                "A second application would replace the first one's subject pass, so its layers would silently "
+                "stop recycling. To recycle in encoder and decoder layers, use one AnyLogo Apply with positions "
+                "'encoder+decoder' (include_middle adds the middle block), fed with the MODEL from before the "
+                "first AnyLogo Apply")
         install_recycling(model_patcher, self.slots)
         if self.image_context is not None:
             model_patcher.set_model_attn2_patch(self.image_context)
@@ -93,6 +114,10 @@ class AnyLogoPatch:
         if self.recorder is not None:
             model_patcher.add_wrapper_with_key("outer_sample", ATTACHMENT, self.outer_sample_wrapper)
         model_patcher.set_attachments(ATTACHMENT, self)
+
+    def describe(self) -> str:
+        s = self.settings
+        return f"positions {s.positions}" + (" + middle" if s.include_middle else "") + f", {len(self.slots)} layers"
 
     def outer_sample_wrapper(self, executor, *args, **kwargs):
         self.recorder.reset()  # a report describes the latest sampling only
@@ -188,6 +213,12 @@ def build_patch(model_patcher, subject_latent: torch.Tensor, settings: Recycling
                 image_context: ImageContextPatch | None = None) -> AnyLogoPatch:
     from .unet_layout import diffusion_model_of
 
+    if not isinstance(subject_latent, torch.Tensor) or subject_latent.ndim != 4 or subject_latent.shape[:2] != (1, 4):
+        shape = tuple(subject_latent.shape) if isinstance(subject_latent, torch.Tensor) else type(subject_latent)
+        raise ValueError(f"AnyLogo: the subject latent must be one 4-channel latent [1, 4, h, w], got {shape}")
+    require_finite(subject_latent, "AnyLogo: the subject latent", axes=("latent", "channel", "y", "x"),
+                   hint="the VAE encoded the subject to NaN/inf; check the subject image and the VAE (an fp16 VAE "
+                        "can overflow: try it in fp32)")
     unet = diffusion_model_of(model_patcher)
     in_channels = unet.input_blocks[0][0].in_channels
     slots = select_slots(model_patcher, settings.blocks)

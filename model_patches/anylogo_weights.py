@@ -16,13 +16,15 @@ from dataclasses import dataclass
 import torch
 
 from .image_context import ImageProjection
-from .weight_files import WeightFileError, load_weights, metadata_json, require_keys, save_weights
+from .weight_files import (WeightFileError, load_weights, metadata_json, require_keys, require_shape,
+                           require_usable_tensors, save_weights)
 
 METHOD = "anylogo"
 FORMAT_VERSION = 1
 UNET_PREFIX = "unet."
 PROJECTION_PREFIX = "image_projection."
 ARCHITECTURES = {4: "sd15", 9: "sd15-inpainting"}
+CONTEXT_WIDTH = 768  # SD1.5's cross-attention width: what the projection must produce
 
 
 @dataclass
@@ -38,16 +40,39 @@ class AnyLogoWeights:
 
     @property
     def image_layers(self) -> list[int] | None:
-        return metadata_json(self.metadata, "image_layers")
+        return image_layers_of(self.metadata, self.name)
 
     @property
     def image_resolution(self) -> int | None:
-        value = metadata_json(self.metadata, "image_resolution")
-        return int(value) if value is not None else None
+        return image_resolution_of(self.metadata, self.name)
 
     def model_patches(self) -> dict[str, tuple]:
         """{ModelPatcher key: ("set", (weight,))} for ``ModelPatcher.add_patches``."""
         return {f"diffusion_model.{k}": ("set", (v,)) for k, v in self.unet.items()}
+
+
+def image_layers_of(metadata: dict, source: str) -> list[int] | None:
+    """The ``image_layers`` metadata as a list of positive layer numbers, or None when absent."""
+    value = metadata_json(metadata, "image_layers")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise WeightFileError(f"{source}: metadata image_layers is {metadata['image_layers']!r}; expected a JSON list "
+                              "of DINOv2 layer numbers such as [6, 12, 18, 24]. Re-export the file, or fix the "
+                              "metadata")
+    return value
+
+
+def image_resolution_of(metadata: dict, source: str) -> int | None:
+    """The ``image_resolution`` metadata as a positive int, or None when absent."""
+    value = metadata_json(metadata, "image_resolution")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise WeightFileError(f"{source}: metadata image_resolution is {metadata['image_resolution']!r}; expected "
+                              "the DINOv2 input side in pixels, such as 224")
+    return value
 
 
 def save_anylogo_weights(path, unet_state: dict[str, torch.Tensor], projection: ImageProjection,
@@ -66,9 +91,16 @@ def load_anylogo_weights(path) -> AnyLogoWeights:
     if metadata.get("base_architecture") not in ARCHITECTURES.values():
         raise WeightFileError(f"{name} was trained for {metadata.get('base_architecture')!r}; this pack's AnyLogo "
                               f"supports {sorted(ARCHITECTURES.values())}")
-    weight = tensors[PROJECTION_PREFIX + "weight"]
+    image_layers_of(metadata, name), image_resolution_of(metadata, name)  # malformed metadata fails at load
+    require_usable_tensors(tensors, name)
+    weight_key, bias_key = PROJECTION_PREFIX + "weight", PROJECTION_PREFIX + "bias"
+    require_shape(tensors, weight_key, (CONTEXT_WIDTH, None), name,
+                  f"the DINOv2 projection [{CONTEXT_WIDTH} cross-attention width, DINOv2 width]")
+    weight = tensors[weight_key]
+    require_shape(tensors, bias_key, (CONTEXT_WIDTH,), name,
+                  f"one bias per output of the projection {list(weight.shape)}")
     projection = ImageProjection(weight.shape[1], weight.shape[0])
-    projection.proj.load_state_dict({"weight": weight.float(), "bias": tensors[PROJECTION_PREFIX + "bias"].float()})
+    projection.proj.load_state_dict({"weight": weight.float(), "bias": tensors[bias_key].float()})
     projection.requires_grad_(False).eval()
     unet = {k[len(UNET_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
     return AnyLogoWeights(unet, projection, metadata, name)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .finite import nonfinite_summary
+
 
 class WeightFileError(ValueError):
     """A weight file is missing, corrupt, of another method/architecture/version, or lacks keys."""
@@ -98,6 +100,30 @@ def require_keys(tensors: dict, keys, source: str) -> None:
     missing = [k for k in keys if k not in tensors]
     if missing:
         raise WeightFileError(f"{source} lacks {len(missing)} required tensors, e.g. {missing[:3]}")
+
+
+def require_usable_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Every tensor of a file is floating point and finite; else the file and the first bad key are named.
+
+    A NaN weight would otherwise load without a word and turn every sample NaN."""
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise WeightFileError(f"{source}: tensor {key!r} has dtype {tensor.dtype}; expected floating-point "
+                                  "weights (re-export the file with the pack's trainer)")
+        summary = nonfinite_summary(tensor)
+        if summary is not None:
+            raise WeightFileError(f"{source}: tensor {key!r} {tuple(tensor.shape)} holds {summary}; expected "
+                                  "finite weights. The training diverged or the file is damaged: export again "
+                                  "from the last good checkpoint")
+
+
+def require_shape(tensors: dict[str, torch.Tensor], key: str, shape: tuple, source: str, meaning: str) -> None:
+    """``tensors[key]`` has ``shape`` (None = any size on that axis); ``meaning`` says what the tensor is."""
+    found = tuple(tensors[key].shape)
+    if len(found) != len(shape) or any(want is not None and want != got for want, got in zip(shape, found)):
+        wanted = "[" + ", ".join("any" if want is None else str(want) for want in shape) + "]"
+        raise WeightFileError(f"{source}: tensor {key!r} has shape {list(found)}; expected {wanted}, {meaning}. "
+                              "The file was not exported by this pack's trainer, or is damaged")
 
 
 def metadata_json(metadata: dict, key: str, default=None):

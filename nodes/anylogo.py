@@ -10,9 +10,12 @@ from ..model_patches.anylogo import ATTACHMENT, POSITIONS, SUBJECT_CONCAT, Recyc
 from ..model_patches.diagnostics import attention_report, attention_heatmap
 from ..model_patches.image_context import ImageContextPatch, group_of_slots, group_tokens
 from ..model_patches.unet_layout import require_sd15_unet, transformer_slots
+from . import validation
 
 CATEGORY = "subject_customization/anylogo"
 WEIGHTS_TYPE = "ANYLOGO_WEIGHTS"
+APPLY = "AnyLogo Apply"
+REPORT = "AnyLogo Attention Report"
 
 
 class AnyLogoLoader:
@@ -101,6 +104,13 @@ class AnyLogoApply:
               subject_size, subject_mask=None, anylogo=None, subject_embeds=None, include_middle=False,
               subject_concat="known", record_attention=False):
         require_sd15_unet(model, "AnyLogo")
+        subject = validation.image(subject, "subject", APPLY)
+        if subject_mask is not None:
+            # the node encodes the first subject of the batch, so it takes the mask that goes with it
+            subject_mask = validation.mask(subject_mask, "subject_mask", APPLY, images=subject.shape[0],
+                                           of="subject image")[:1]
+        validation.float_widgets(type(self), APPLY, threshold=threshold, strength=strength,
+                                 start_percent=start_percent, end_percent=end_percent)
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) must not be after end_percent ({end_percent})")
         sampling = model.get_model_object("model_sampling")
@@ -131,6 +141,10 @@ class AnyLogoApply:
             raise ValueError("AnyLogo weights condition on the subject's DINOv2 embeds instead of text: connect a "
                              "DINOv2 Hierarchical Encode node (subject + scene as background) to subject_embeds")
         embeds.require(DINOV2, "AnyLogo")
+        for layer, group in zip(embeds.layers, embeds.groups):
+            validation.finite_tensor(group, f"subject_embeds (layer {layer})", APPLY, _EMBEDS_HINT)
+        if embeds.background is not None:
+            validation.finite_tensor(embeds.background, "subject_embeds (background tokens)", APPLY, _EMBEDS_HINT)
         if embeds.width != weights.projection.proj.in_features:
             raise ValueError(f"the embeds are {embeds.width}-wide but {weights.name} projects "
                              f"{weights.projection.proj.in_features}-wide DINOv2 features")
@@ -143,6 +157,10 @@ class AnyLogoApply:
         tokens = group_tokens(embeds.groups, embeds.background)
         return ImageContextPatch(weights.projection, tokens, group_of_slots(transformer_slots(model),
                                                                             len(tokens)))
+
+
+_EMBEDS_HINT = ("Re-encode the subject with DINOv2 Hierarchical Encode; if it persists, the DINOv2 file gives "
+                "non-finite outputs")
 
 
 class AnyLogoAttentionReport:
@@ -169,6 +187,7 @@ class AnyLogoAttentionReport:
         }}
 
     def report(self, model, samples, width, height):
+        validation.latent(samples, "samples", REPORT)
         patch = model.get_attachment(ATTACHMENT)
         if patch is None or patch.recorder is None:
             raise ValueError("this MODEL has no AnyLogo attention recording: turn record_attention on in AnyLogo "

@@ -7,6 +7,7 @@ from ..image_ops import vision_features as vf
 from ..image_ops.hierarchical_embeds import COMFY_TYPE
 from ..image_ops.hierarchical_encode import encode_clip_hierarchical, encode_dinov2_hierarchical
 from ..image_ops.subject_preprocess import FITS, prepare_subject
+from . import validation
 
 CATEGORY = "subject_customization/image"
 CHUNK = 4  # images per forward pass: small enough that the progress bar moves
@@ -34,14 +35,14 @@ def _rgb(color: int) -> tuple[float, float, float]:
     return ((color >> 16) & 255) / 255.0, ((color >> 8) & 255) / 255.0, (color & 255) / 255.0
 
 
-def _channels_first(image, name: str):
-    if image.ndim != 4 or image.shape[-1] < 3:
-        raise ValueError(f"{name} must be an IMAGE [B,H,W,C] with 3 colour channels, got {tuple(image.shape)}")
-    return image[..., :3].movedim(-1, 1)
-
-
-def _prepare(image, mask, size, fit, margin, fill_color, use_mask):
-    return prepare_subject(_channels_first(image, "the subject"), mask, size=size, fit=fit, use_mask=use_mask,
+def _prepare(node: str, node_class, image, image_name, mask, mask_name, of, size, fit, margin, fill_color,
+             use_mask):
+    """Validate the subject inputs and widgets, then prepare the squares the encoder sees."""
+    image = validation.image(image, image_name, node)
+    if mask is not None:
+        mask = validation.mask(mask, mask_name, node, images=image.shape[0], of=of)
+    validation.float_widgets(node_class, node, margin=margin)
+    return prepare_subject(image.movedim(-1, 1), mask, size=size, fit=fit, use_mask=use_mask,
                            fill=_rgb(fill_color), margin=margin)
 
 
@@ -90,10 +91,17 @@ class SC_DINOv2HierarchicalEncode:
 
     def encode(self, clip_vision, subject, resolution, layers, fit, margin, fill_color, use_mask, final_norm,
                subject_mask=None, background=None):
-        vf.require_kind(clip_vision, vf.DINOV2, "DINOv2 Hierarchical Encode")
+        node = "DINOv2 Hierarchical Encode"
+        vf.require_kind(clip_vision, vf.DINOV2, node)
         size = int(resolution)
-        pixels, info = _prepare(subject, subject_mask, size, fit, margin, fill_color, use_mask)
-        scene = None if background is None else _channels_first(background, "the background")
+        pixels, info = _prepare(node, type(self), subject, "subject", subject_mask, "subject_mask",
+                                "subject image", size, fit, margin, fill_color, use_mask)
+        scene = None
+        if background is not None:
+            scene = validation.image(background, "background", node)
+            validation.batch_pairing(scene.shape[0], pixels.shape[0], "background", node, item="background image",
+                                     of="subject image")
+            scene = scene.movedim(-1, 1)
         embeds = encode_dinov2_hierarchical(clip_vision, pixels, layers=layers, size=size, background_pixels=scene,
                                             final_norm=final_norm, preprocessing=info, chunk_size=CHUNK,
                                             progress=_progress(pixels.shape[0]))
@@ -133,8 +141,10 @@ class SC_CLIPHierarchicalEncode:
         }
 
     def encode(self, clip_vision, image, layers, fit, margin, fill_color, use_mask, final_norm, mask=None):
-        info = vf.require_kind(clip_vision, vf.CLIP, "CLIP Hierarchical Encode")
-        pixels, prep = _prepare(image, mask, info.native_size, fit, margin, fill_color, use_mask)
+        node = "CLIP Hierarchical Encode"
+        info = vf.require_kind(clip_vision, vf.CLIP, node)
+        pixels, prep = _prepare(node, type(self), image, "image", mask, "mask", "image", info.native_size, fit,
+                                margin, fill_color, use_mask)
         embeds = encode_clip_hierarchical(clip_vision, pixels, layers=layers, size=info.native_size,
                                           final_norm=final_norm, preprocessing=prep, chunk_size=CHUNK,
                                           progress=_progress(pixels.shape[0]))

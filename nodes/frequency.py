@@ -3,6 +3,7 @@ import comfy.utils
 import torch
 
 from ..image_ops import frequency
+from . import validation
 
 PAPER = "paper (EqDiff official)"
 SIGNED = "signed"
@@ -11,6 +12,7 @@ MODES = (PAPER, SIGNED, MAGNITUDE)
 CHANNELS = ("grayscale", "colour")
 
 _IGNORED_IN_PAPER = " Ignored by the paper mode."
+NODE = "Frequency Split"
 
 
 class FrequencySplit:
@@ -65,8 +67,9 @@ class FrequencySplit:
     def split(self, images, mode, window, cutoff_unit, low_cutoff, high_cutoff, channels):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        images = validation.image(images, "images", NODE)
+        validation.float_widgets(type(self), NODE, low_cutoff=low_cutoff, high_cutoff=high_cutoff)
         pixels = images.movedim(-1, 1)  # IMAGE is [B, H, W, C]
-        frequency.check_images(pixels)
         gray = channels == "grayscale"
         if mode == PAPER:
             band = frequency.paper_split

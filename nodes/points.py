@@ -7,8 +7,10 @@ from ..image_ops.point_features import patch_tokens
 from ..image_ops.point_mask import points_to_mask
 from ..image_ops.point_parsing import FRACTIONS, PIXELS, batch_points
 from ..image_ops.point_preview import draw_preview
+from . import validation
 
 CATEGORY = "subject_customization/image"
+NODE = "Points to Mask"
 _UNITS = {"pixels": PIXELS, "fractions (0..1)": FRACTIONS}
 _POINT_FORMATS = ('JSON from a points editor ([{"x": 120, "y": 80}, ...]) or plain "x,y" pairs separated '
                   'by ";" or new lines. Per image of a batch: a JSON list of lists, or plain lists separated by "|".')
@@ -66,14 +68,14 @@ class SC_PointsToMask:
                coordinates, negative_points=""):
         import comfy.utils
 
-        if image.ndim != 4 or image.shape[-1] < 3:
-            raise ValueError(f"expected an IMAGE shaped [batch, height, width, 3], got {tuple(image.shape)}")
+        image = validation.image(image, "image", NODE)
+        validation.float_widgets(type(self), NODE, blur_sigma=blur_sigma)
         if coordinates not in _UNITS:
             raise ValueError(f"coordinates must be one of {list(_UNITS)}, got {coordinates!r}")
         batch, height, width = image.shape[:3]
         # parse and check every point before the encoder runs, so mistakes surface at once
         points = batch_points(positive_points, negative_points, batch, width, height, _UNITS[coordinates])
-        pixels = image[..., :3].movedim(-1, 1).float()
+        pixels = image.movedim(-1, 1).float()
         masks, previews = [], []
         progress = comfy.utils.ProgressBar(batch)
         for index in range(batch):

@@ -101,7 +101,8 @@ def run_workflow(prompt: dict, *, executor=None) -> dict:
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:
         details = "; ".join(f"node {nid} ({info.get('class_type')}): "
-                            + ", ".join(e.get("details") or e.get("message", "") for e in info.get("errors", []))
+                            + ", ".join(": ".join(part for part in (e.get("message"), e.get("details")) if part)
+                                        for e in info.get("errors", []))
                             for nid, info in node_errors.items())
         raise WorkflowInvalid(f"{error.get('message')}: {error.get('details')} {details}".strip())
     executor = executor or make_executor()
