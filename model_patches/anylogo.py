@@ -57,7 +57,7 @@ def keep_bias(threshold: float, strength: float, seed: int, sigma: float, slot_i
     log_s = -math.inf if strength <= 0 else math.log(strength)
     if threshold >= 1.0:
         return torch.full((rows,), log_s, device=device)
-    generator = torch.Generator().manual_seed(extra_pass.step_seed(seed * 131 + slot_index, sigma))
+    generator = torch.Generator().manual_seed(extra_pass.step_seed(seed, sigma, ("keep", int(slot_index))))
     keep = torch.rand(rows, generator=generator) <= threshold
     return torch.where(keep, torch.tensor(log_s), torch.tensor(-math.inf)).to(device)
 
