@@ -172,7 +172,7 @@ def extract_signatures(base_model, subject: torch.Tensor, noise: torch.Tensor, s
     through the UNet carrying ``transformer_options``' patches; returns the bank of the ``slots``' keys/values
     (one row per subject). Shared by sampling (one subject) and training (one subject per sample)."""
     x = extra_pass.noised(base_model, subject, sigma, noise)
-    concat = extra_pass.inpaint_concat(subject, subject_known) if in_channels == 9 else None
+    concat = extra_pass.inpaint_concat(subject, subject_known, base_model) if in_channels == 9 else None
     bank = SignatureBank()
     status = Extraction(bank, tuple(slot.key for slot in slots))
     options = {**transformer_options, STATUS_KEY: status, POSITIVE_COND_KEY: 0}

@@ -38,18 +38,22 @@ def noised(base_model, latent: torch.Tensor, sigma: torch.Tensor, noise: torch.T
     return base_model.model_sampling.noise_scaling(sigma.view(-1).to(latent), noise, latent)
 
 
-def inpaint_concat(latent: torch.Tensor, known: bool) -> torch.Tensor:
+def inpaint_concat(latent: torch.Tensor, known: bool, base_model=None) -> torch.Tensor:
     """The 5 extra channels of a 9-channel inpainting UNet for a reference latent: [mask, masked-image latent].
 
     ``known=True``: mask 0 and the clean latent — the reference is fully visible, as the scene is outside its
     region, so the pass's features stay anchored to the clean subject at every noise level.
-    ``known=False``: mask 1 and a blank latent — the whole reference is "to be painted".
+    ``known=False``: mask 1 and the latent of a blank (grey) image — the whole reference is "to be painted",
+    exactly what ComfyUI gives an inpainting UNet that gets no mask (``base_model.blank_inpaint_image_like``;
+    SD-inpainting was trained with the masked image's region grey, whose latent is not zero).
     """
     b, _, h, w = latent.shape
     if known:
         return torch.cat([torch.zeros(b, 1, h, w, dtype=latent.dtype, device=latent.device), latent], dim=1)
-    return torch.cat([torch.ones(b, 1, h, w, dtype=latent.dtype, device=latent.device),
-                      torch.zeros_like(latent)], dim=1)
+    blank_like = getattr(base_model, "blank_inpaint_image_like", None)
+    if blank_like is None:
+        raise ValueError("subject_concat 'unknown' needs ComfyUI's inpainting model (blank_inpaint_image_like)")
+    return torch.cat([torch.ones(b, 1, h, w, dtype=latent.dtype, device=latent.device), blank_like(latent)], dim=1)
 
 
 def run_reference_pass(base_model, x: torch.Tensor, sigma: torch.Tensor, *, context: torch.Tensor,

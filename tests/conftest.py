@@ -182,6 +182,18 @@ class AnyLogoKit:
         return self.nodes.common_ksampler(model, seed, self.steps, 5.0, "euler", "normal", pos, neg,
                                           latent)[0]["samples"]
 
+    @staticmethod
+    def assert_scene_outside(out, scene_latent, base):
+        """Every latent cell outside the region (the 8x8 pixel blocks holding no pixel of the mask 16:48) equals
+        the encoded scene up to the float32 round trip of process_latent_in/out (x 0.18215, then / 0.18215: a few
+        ulp of the latent's scale, measured 1 ulp; one cell the sampler updated differs by orders more); the region
+        itself changed against ``base``."""
+        outside = torch.ones(out.shape[-2:], dtype=torch.bool)
+        outside[2:6, 2:6] = False
+        got, want = out[..., outside], scene_latent.detach()[..., outside]
+        torch.testing.assert_close(got, want, rtol=0, atol=4 * 2 ** -23 * float(want.abs().max()))
+        assert (out[..., ~outside] - base[..., ~outside]).abs().max() > 1e-3
+
 
 @pytest.fixture(scope="session")
 def anylogo_kit(comfy):
