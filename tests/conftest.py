@@ -170,7 +170,7 @@ class AnyLogoKit:
         return node.apply(self.model if model is None else model, self.vae,
                           self.subject if subject is None else subject, **args)[0]
 
-    def sample(self, model, positive="a logo", negative="", seed=1, control=None):
+    def sample(self, model, positive="a logo", negative="", seed=1, control=None, steps=None):
         """Region insertion on a flat 64x64 scene: InpaintModelConditioning (noise mask on) + KSampler."""
         scene = torch.full((1, 64, 64, 3), 0.6)
         mask = torch.zeros(1, 64, 64)
@@ -179,8 +179,29 @@ class AnyLogoKit:
         if control is not None:
             pos, neg = control(pos, neg)
         pos, neg, latent = self.nodes.InpaintModelConditioning().encode(pos, neg, scene, self.vae, mask, True)
-        return self.nodes.common_ksampler(model, seed, self.steps, 5.0, "euler", "normal", pos, neg,
+        return self.nodes.common_ksampler(model, seed, steps or self.steps, 5.0, "euler", "normal", pos, neg,
                                           latent)[0]["samples"]
+
+    def subject_passes(self, model, sample=None, **kwargs):
+        """(sigma, UNet input) of every UNet call in extraction status (AnyLogo's subject pass) during one
+        sampling (``sample(model)``, default this kit's region insertion), and the sampling's output."""
+        from model_patches.recycling import STATUS_KEY
+        from model_patches.unet_layout import diffusion_model_of
+
+        seen = []
+
+        def hook(module, args, kw):
+            options = kw.get("transformer_options", {})
+            # by name: the nodes run the pack as ComfyUI's loader imported it, a second copy of its modules
+            if type(options.get(STATUS_KEY)).__name__ == "Extraction":
+                seen.append((float(options["sigmas"].flatten()[0]), args[0].detach().clone()))
+
+        handle = diffusion_model_of(model).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            out = (sample or (lambda m: self.sample(m, **kwargs)))(model)
+        finally:
+            handle.remove()
+        return seen, out
 
     @staticmethod
     def assert_scene_outside(out, scene_latent, base):

@@ -1,4 +1,6 @@
 """AnyLogo nodes in ComfyUI: training-free and trained modes, region insertion, diagnostics, coexistence, errors."""
+import math
+
 import pytest
 import torch
 
@@ -35,25 +37,6 @@ def test_region_insertion_keeps_the_scene_outside_the_mask_and_changes_the_regio
     kit.assert_scene_outside(kit.sample(kit.apply()), scene_latent, kit.sample(kit.model))  # Eq. 2
 
 
-def _subject_pass_inputs(kit, model):
-    """(sigma, 9-channel UNet input) of every batch-1 UNet call, i.e. the subject pass, of one sampling."""
-    from model_patches.unet_layout import diffusion_model_of
-
-    seen = []
-
-    def hook(module, args, kwargs):
-        x = args[0]
-        if x.shape[0] == 1:
-            seen.append((float(kwargs["transformer_options"]["sigmas"].flatten()[0]), x.detach().clone()))
-
-    handle = diffusion_model_of(model).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        kit.sample(model)
-    finally:
-        handle.remove()
-    return seen
-
-
 @pytest.mark.parametrize("concat", ["known", "unknown"])
 def test_the_subject_pass_gets_the_chosen_inpainting_channels(kit, concat):
     """A pre-hook on the UNet: one subject pass per step, input = [noisy subject scaled as the sampler scales
@@ -63,7 +46,7 @@ def test_the_subject_pass_gets_the_chosen_inpainting_channels(kit, concat):
 
     model = kit.apply(subject_concat=concat, seed=4)
     subject = model.get_attachment("subject_customization.anylogo").subject
-    seen = _subject_pass_inputs(kit, model)
+    seen, _ = kit.subject_passes(model)
     assert len(seen) == kit.steps
     for sigma, x in seen:
         assert x.shape == (1, 9) + subject.shape[-2:]
@@ -75,6 +58,39 @@ def test_the_subject_pass_gets_the_chosen_inpainting_channels(kit, concat):
             grey = torch.tensor([0.8223, -0.6876, 0.6364, 0.1380]).view(1, 4, 1, 1).expand_as(subject)
             assert torch.equal(x[:, 4], torch.ones_like(x[:, 4])) and torch.equal(x[:, 5:], grey)
     assert len({s for s, _ in seen}) == kit.steps
+
+
+def _percent_to_sigma(sigmas, percent):
+    """ComfyUI's percent → sigma for a discrete schedule, by hand in float64: the sigma at timestep
+    (1 - percent)·999, log-linearly interpolated between the two neighbouring training sigmas."""
+    import numpy as np
+
+    if percent <= 0:
+        return math.inf
+    if percent >= 1:
+        return 0.0
+    t = (1.0 - percent) * 999.0
+    lo, w = int(np.floor(t)), t - np.floor(t)
+    log = np.log(sigmas.double().numpy())
+    return float(np.exp((1 - w) * log[lo] + w * log[min(lo + 1, 999)]))
+
+
+@pytest.mark.parametrize("start, end", [(0.0, 1.0), (0.23, 0.67), (0.0, 0.33), (0.55, 1.0)])
+def test_subject_passes_run_exactly_inside_the_start_end_window(kit, start, end):
+    """Through the node's percent inputs, 10 steps: the subject pass runs at exactly the schedule's sigmas inside
+    [sigma(end), sigma(start)] (one pass each), computed here from the schedule by hand; the percents are chosen
+    away from the schedule's own sigmas so rounding cannot move a boundary."""
+    import comfy.samplers
+
+    sampling = kit.model.get_model_object("model_sampling")
+    schedule = [float(s) for s in comfy.samplers.calculate_sigmas(sampling, "normal", 10)[:-1]]
+    hi, lo = _percent_to_sigma(sampling.sigmas, start), _percent_to_sigma(sampling.sigmas, end)
+    assert all(min(abs(s - hi), abs(s - lo)) > 1e-3 * s for s in schedule)
+    seen, _ = kit.subject_passes(kit.apply(start_percent=start, end_percent=end), steps=10)
+    expected = [s for s in schedule if lo <= s <= hi]
+    assert [s for s, _ in seen] == expected and 0 < len(expected)
+    if (start, end) != (0.0, 1.0):
+        assert len(expected) < len(schedule)
 
 
 def test_the_apply_node_leaves_the_incoming_model_alone(kit):

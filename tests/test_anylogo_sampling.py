@@ -268,3 +268,19 @@ def test_sampling_applies_the_drawn_layers_exactly(sd15):
     sparse = sample(patched, positive, negative, steps=1)
     assert torch.equal(sparse, only(kept))
     assert not torch.equal(sparse, only(dropped))
+
+
+def test_the_window_is_inclusive_at_both_schedule_sigmas(sd15):
+    """sigma_start / sigma_end set to two of the schedule's own sigmas: the subject pass runs at exactly those
+    and the ones between (Eq. 5 is off elsewhere), recorded per extraction."""
+    import comfy.samplers
+
+    model, positive, negative = sd15
+    schedule = [float(s) for s in comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"),
+                                                                  "normal", 8)[:-1]]
+    patched, patch = recycled(model, RecyclingSettings(sigma_start=schedule[2], sigma_end=schedule[5]))
+    seen, extract = [], patch.extract
+    patch.extract = lambda m, conds, t, options: (seen.append(float(t.flatten()[0])), extract(m, conds, t,
+                                                                                               options))[1]
+    sample(patched, positive, negative, steps=8)
+    assert seen == schedule[2:6]
