@@ -195,3 +195,59 @@ def test_a_non_sd15_model_is_refused(comfy, kit):
     assert other is not None, "ComfyUI did not recognise the SD2-style test UNet"
     with pytest.raises(ValueError, match="context width 1024"):  # UnsupportedModel, from the pack's own import
         kit.apply(model=other)
+
+
+def _report_rows(report: str) -> dict:
+    """layer name -> (ASA mean, first, last, SLD mean, steps) parsed from the report text."""
+    rows = {}
+    for line in report.splitlines()[3:-1]:
+        name, *values = line.split()
+        rows[name] = tuple(float(v) for v in values[:4]) + (int(values[4]),)
+    return rows
+
+
+def test_attention_report_numbers_and_heatmap_layout_follow_the_recorder():
+    """A recorder filled by hand on a non-square 3x2 grid: each report row is the mean of the recorded shares,
+    first/last are the highest/lowest sigma whatever the recording order, and the heatmap (30 high, 20 wide)
+    peaks inside the image block of the one cell given all the share (row 2, column 0), not a transposed one."""
+    from model_patches.diagnostics import attention_heatmap, attention_report
+    from model_patches.recycling import AttentionRecorder
+    from model_patches.unet_layout import TransformerSlot
+
+    slot = TransformerSlot("output", 3, 0, 0, 320, 8)
+    recorder = AttentionRecorder()
+    cell = torch.zeros(1, 6)
+    cell[0, 2 * 2 + 0] = 1.0                                   # row-major [h=3, w=2]: row 2, column 0
+    for sigma, scale, sld in [(2.0, 0.3, 0.1), (9.0, 0.5, 0.2), (0.5, 0.1, 0.3)]:  # not in sigma order
+        recorder.add(slot, sigma, cell * scale * 6, (3, 2), sld)  # mean share of the map = scale
+    (row,) = _report_rows(attention_report(recorder)).values()
+    assert row == (0.3, 0.5, 0.1, 0.2, 3)
+    heat = attention_heatmap(recorder, 30, 20)
+    assert heat.shape == (1, 30, 20, 3)
+    peak = divmod(int(heat[0, ..., 1].argmax()), 20)
+    assert 20 <= peak[0] < 30 and 0 <= peak[1] < 10, peak
+    assert float(heat[0, 25, 5, 1]) > 0.9 and float(heat[0, 5, 15, 1]) < 0.05
+
+
+def test_attention_report_of_a_non_square_scene_is_the_recorded_numbers(kit):
+    """A 96x64 (h x w) scene: every recycled layer recorded one entry per step at the latent grid of its level
+    (12x8 at 1/8, 6x4 at 1/16); the report's rows are those entries' means, first and last step."""
+    model = kit.apply(record_attention=True)
+    scene = torch.full((1, 96, 64, 3), 0.6)
+    mask = torch.zeros(1, 96, 64)
+    mask[:, 24:72, 16:48] = 1
+    pos, neg, latent = kit.nodes.InpaintModelConditioning().encode(kit.text("a logo"), kit.text(""), scene, kit.vae,
+                                                                 mask, True)
+    samples = kit.nodes.common_ksampler(model, 1, STEPS, 5.0, "euler", "normal", pos, neg, latent)[0]
+    report, heatmap = kit.nodes.NODE_CLASS_MAPPINGS["SC_AnyLogoAttentionReport"]().report(model, samples, 64, 96)
+    recorder = model.get_attachment("subject_customization.anylogo").recorder
+    patch = model.get_attachment("subject_customization.anylogo")
+    rows = _report_rows(report)
+    assert set(rows) == {slot.name for slot in patch.slots} == set(recorder.per_layer)
+    for slot in patch.slots:
+        entries = sorted(recorder.per_layer[slot.name], key=lambda e: -e[0])
+        shares = [e[1] for e in entries]
+        assert len(entries) == STEPS and recorder.shapes[slot.name] == (1, 12 >> slot.level, 8 >> slot.level)
+        expected = (sum(shares) / STEPS, shares[0], shares[-1], sum(e[2] for e in entries) / STEPS, STEPS)
+        assert rows[slot.name][:4] == pytest.approx(expected[:4], abs=5e-5) and rows[slot.name][4] == STEPS
+    assert heatmap.shape == (1, 96, 64, 3)
