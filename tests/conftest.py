@@ -147,6 +147,44 @@ def trainer_env():
     return {**os.environ, "COMFYUI_PATH": str(find_comfyui()), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.fixture(scope="session")
+def dinov2_files(tiny_cache_dir):
+    return tiny_models.build_tiny_dinov2_files(tiny_cache_dir / "dinov2")
+
+
+@pytest.fixture(scope="session")
+def logo_manifest(tmp_path_factory):
+    """Four logo-in-scene pairs (32 px scenes, 16 px regions) from bundled material, and their manifest."""
+    from standalone import logo_scenes
+    from train.prepare_manifest import cli
+
+    folder = tmp_path_factory.mktemp("anylogo_data")
+    pairs = logo_scenes.make_pairs(4, scene_size=32, region=16, subjects=range(0, 4), seed=2)
+    logo_scenes.write_pairs(folder, pairs, scene_size=32, subject_size=64)
+    assert cli([str(folder), "--out", str(folder / "manifest.jsonl"), "--method", "anylogo"]) == 0
+    return folder / "manifest.jsonl"
+
+
+@pytest.fixture(scope="session")
+def anylogo_config(model_dirs, logo_manifest, dinov2_files):
+    """Write a tiny CPU AnyLogo trainer config (32 px scenes, tiny DINOv2, fp32 export) with overrides."""
+    import yaml
+
+    def write(path, **overrides):
+        weights, config = dinov2_files
+        values = {"base_checkpoint": str(model_dirs["checkpoints"] / "tiny_sd15_inpainting.safetensors"),
+                  "manifest": str(logo_manifest), "image_encoder": str(weights), "image_encoder_config": str(config),
+                  "resolution": 32, "subject_size": 64, "batch_size": 2, "learning_rate": 1e-3,
+                  "train_layers": "attention", "zoom_in": False, "augment_subject": False, "export_dtype": "fp32",
+                  "progress": False, "condition_dropout": 0.25, **overrides}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(values))
+        return path
+
+    return write
+
+
 class AnyLogoKit:
     """The tiny SD1.5-inpainting model with helpers to apply AnyLogo through its node and sample a region."""
 

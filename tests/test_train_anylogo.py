@@ -14,7 +14,7 @@ from model_patches.anylogo_weights import check_fits_model, load_anylogo_weights
 from model_patches.extra_pass import seeded_noise
 from model_patches.image_context import ImageContextPatch, group_tokens
 from model_patches.weight_files import WeightFileError, save_weights
-from standalone import logo_scenes, tiny_models
+from standalone import logo_scenes
 from train import anylogo_data as data
 from train.anylogo import AnyLogoConfig, AnyLogoMethod, main
 from train.anylogo_step import anylogo_forward, encode_latent, inpaint_inputs, keep_decisions
@@ -198,34 +198,6 @@ def test_keep_decisions_follow_eq5_per_layer_per_sample_per_step():
 
 # ---- the trained run -------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def dinov2_files(tiny_cache_dir):
-    return tiny_models.build_tiny_dinov2_files(tiny_cache_dir / "dinov2")
-
-
-@pytest.fixture(scope="module")
-def logo_manifest(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("anylogo_data")
-    pairs = logo_scenes.make_pairs(4, scene_size=32, region=16, subjects=range(0, 4), seed=2)
-    logo_scenes.write_pairs(folder, pairs, scene_size=32, subject_size=64)
-    assert cli([str(folder), "--out", str(folder / "manifest.jsonl"), "--method", "anylogo"]) == 0
-    return folder / "manifest.jsonl"
-
-
-def _config_file(path, model_dirs, logo_manifest, dinov2_files, **overrides):
-    import yaml
-
-    weights, config = dinov2_files
-    values = {"base_checkpoint": str(model_dirs["checkpoints"] / "tiny_sd15_inpainting.safetensors"),
-              "manifest": str(logo_manifest), "image_encoder": str(weights), "image_encoder_config": str(config),
-              "resolution": 32, "subject_size": 64, "batch_size": 2, "learning_rate": 1e-3, "train_layers": "attention",
-              "zoom_in": False, "augment_subject": False, "export_dtype": "fp32", "progress": False,
-              "condition_dropout": 0.25, **overrides}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(values))
-    return path
-
-
 def _held_out_loss(trainer, batch) -> float:
     return _fixed_draw_losses(trainer, batch)[0]
 
@@ -257,9 +229,9 @@ def _held_out_batches(trainer, root):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, model_dirs, logo_manifest, dinov2_files):
+def trained(tmp_path_factory, anylogo_config):
     root = tmp_path_factory.mktemp("anylogo_run")
-    cfg = _config_file(root / "cfg.yaml", model_dirs, logo_manifest, dinov2_files, steps=STEPS,
+    cfg = anylogo_config(root / "cfg.yaml", steps=STEPS,
                        checkpoint_every=STEPS, validation_every=STEPS, validation_count=1, validation_steps=2,
                        source_weights=["logo=1", "glyphs=1"])
     config, _ = parse_command_line(AnyLogoConfig, ["--config", str(cfg), "--output_dir", str(root / "out")])
@@ -536,9 +508,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(trained):
         assert torch.equal(g, g_c)
 
 
-def test_a_four_channel_base_is_refused(tmp_path, model_dirs, logo_manifest, dinov2_files, capsys):
-    cfg = _config_file(tmp_path / "cfg.yaml", model_dirs, logo_manifest, dinov2_files, steps=1,
-                       base_checkpoint=str(model_dirs["checkpoints"] / "tiny_sd15.safetensors"))
+def test_a_four_channel_base_is_refused(tmp_path, model_dirs, anylogo_config, capsys):
+    cfg = anylogo_config(tmp_path / "cfg.yaml", steps=1,
+                         base_checkpoint=str(model_dirs["checkpoints"] / "tiny_sd15.safetensors"))
     assert main(["--config", str(cfg), "--output_dir", str(tmp_path / "out")]) == 2
     assert "starts from an SD1.5-inpainting (9-channel) UNet; tiny_sd15.safetensors is sd15" in capsys.readouterr().err
 
@@ -547,12 +519,12 @@ def test_a_four_channel_base_is_refused(tmp_path, model_dirs, logo_manifest, din
     (None, "image encoder not found"),
     (b"not a safetensors file", "could not load image encoder encoder.safetensors (expected a DINOv2 .safetensors"),
 ])
-def test_a_missing_or_corrupt_image_encoder_is_refused_with_a_message(tmp_path, model_dirs, logo_manifest,
-                                                                      dinov2_files, capsys, content, message):
+def test_a_missing_or_corrupt_image_encoder_is_refused_with_a_message(tmp_path, anylogo_config, capsys, content,
+                                                                      message):
     encoder = tmp_path / "encoder.safetensors"
     if content is not None:
         encoder.write_bytes(content)
-    cfg = _config_file(tmp_path / "cfg.yaml", model_dirs, logo_manifest, dinov2_files, steps=1)
+    cfg = anylogo_config(tmp_path / "cfg.yaml", steps=1)
     assert main(["--config", str(cfg), "--output_dir", str(tmp_path / "out"), "--image_encoder", str(encoder)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
