@@ -19,7 +19,10 @@ import torch.nn.functional as F
 
 DINOV2 = "dinov2"
 CLIP = "clip_vision"
-# DINOv2 interpolates position embeddings with this offset on the grid size (reference implementation).
+# DINOv2 interpolates position embeddings with this offset on the grid size: the convention of the DINOv2 code
+# base that AnyDoor vendors (hubconf.dinov2_vitg14, the encoder of AnyLogo's pipeline): bicubic, scale_factor
+# (grid + 0.1) / 37, no antialias. transformers' Dinov2 now resizes to the exact size, which differs (by up to
+# ~1.3 on unit-variance embeddings); tests/test_vision_features.py checks ours against a numpy reference.
 POS_INTERPOLATE_OFFSET = 0.1
 
 

@@ -66,7 +66,7 @@ def keep_bias(threshold: float, strength: float, seed: int, sigma: float, slot_i
     log_s = -math.inf if strength <= 0 else math.log(strength)
     if threshold >= 1.0:
         return torch.full((rows,), log_s, device=device)
-    generator = torch.Generator().manual_seed(extra_pass.step_seed(seed * 131 + slot_index, sigma))
+    generator = torch.Generator().manual_seed(extra_pass.step_seed(seed, sigma, ("keep", int(slot_index))))
     keep = torch.rand(rows, generator=generator) <= threshold
     return torch.where(keep, torch.tensor(log_s), torch.tensor(-math.inf)).to(device)
 
@@ -197,7 +197,7 @@ def extract_signatures(base_model, subject: torch.Tensor, noise: torch.Tensor, s
     through the UNet carrying ``transformer_options``' patches; returns the bank of the ``slots``' keys/values
     (one row per subject). Shared by sampling (one subject) and training (one subject per sample)."""
     x = extra_pass.noised(base_model, subject, sigma, noise)
-    concat = extra_pass.inpaint_concat(subject, subject_known) if in_channels == 9 else None
+    concat = extra_pass.inpaint_concat(subject, subject_known, base_model) if in_channels == 9 else None
     bank = SignatureBank()
     status = Extraction(bank, tuple(slot.key for slot in slots))
     options = {**transformer_options, STATUS_KEY: status, POSITIVE_COND_KEY: 0}

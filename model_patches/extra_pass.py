@@ -6,19 +6,30 @@ carries the sampler's patches but no ControlNet residuals.
 """
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import torch
 
+NOISE_STREAM = "noise"
 
-def step_seed(seed: int, sigma: float) -> int:
-    """A seed for one step, derived from the user's seed and the step's sigma (no schedule lookup needed)."""
+
+def step_seed(seed: int, sigma: float, stream: object = NOISE_STREAM) -> int:
+    """A 63-bit generator seed for one step of one random stream, from the user's seed and the step's sigma
+    (no schedule lookup needed).
+
+    The parts are hashed (BLAKE2b), not combined arithmetically: ``torch.Generator.manual_seed`` on the CPU
+    keeps only the seed's low 32 bits, and a float32 sigma widened to a double has its low 29 mantissa bits
+    zero, so a linear formula gave about eight distinct generators per user seed across a whole schedule and
+    let the keep draws of one layer reuse the subject noise's generator. ``stream`` separates the subject
+    noise from each layer's keep draws."""
     bits = struct.unpack("<Q", struct.pack("<d", float(sigma)))[0]
-    return (int(seed) * 1_000_003 + bits) % (2 ** 63)
+    digest = hashlib.blake2b(repr((str(stream), int(seed), bits)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def seeded_noise(shape, seed: int, sigma: float, device, dtype=torch.float32) -> torch.Tensor:
-    generator = torch.Generator(device="cpu").manual_seed(step_seed(seed, sigma))
+    generator = torch.Generator(device="cpu").manual_seed(step_seed(seed, sigma, NOISE_STREAM))
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
 
 
@@ -27,18 +38,22 @@ def noised(base_model, latent: torch.Tensor, sigma: torch.Tensor, noise: torch.T
     return base_model.model_sampling.noise_scaling(sigma.view(-1).to(latent), noise, latent)
 
 
-def inpaint_concat(latent: torch.Tensor, known: bool) -> torch.Tensor:
+def inpaint_concat(latent: torch.Tensor, known: bool, base_model=None) -> torch.Tensor:
     """The 5 extra channels of a 9-channel inpainting UNet for a reference latent: [mask, masked-image latent].
 
     ``known=True``: mask 0 and the clean latent — the reference is fully visible, as the scene is outside its
     region, so the pass's features stay anchored to the clean subject at every noise level.
-    ``known=False``: mask 1 and a blank latent — the whole reference is "to be painted".
+    ``known=False``: mask 1 and the latent of a blank (grey) image — the whole reference is "to be painted",
+    exactly what ComfyUI gives an inpainting UNet that gets no mask (``base_model.blank_inpaint_image_like``;
+    SD-inpainting was trained with the masked image's region grey, whose latent is not zero).
     """
     b, _, h, w = latent.shape
     if known:
         return torch.cat([torch.zeros(b, 1, h, w, dtype=latent.dtype, device=latent.device), latent], dim=1)
-    return torch.cat([torch.ones(b, 1, h, w, dtype=latent.dtype, device=latent.device),
-                      torch.zeros_like(latent)], dim=1)
+    blank_like = getattr(base_model, "blank_inpaint_image_like", None)
+    if blank_like is None:
+        raise ValueError("subject_concat 'unknown' needs ComfyUI's inpainting model (blank_inpaint_image_like)")
+    return torch.cat([torch.ones(b, 1, h, w, dtype=latent.dtype, device=latent.device), blank_like(latent)], dim=1)
 
 
 def run_reference_pass(base_model, x: torch.Tensor, sigma: torch.Tensor, *, context: torch.Tensor,

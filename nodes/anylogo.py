@@ -93,7 +93,8 @@ class AnyLogoApply:
                 "subject_concat": (list(SUBJECT_CONCAT), {"default": "known", "tooltip":
                                    "Inpainting checkpoints only: what the subject pass gets in the mask and "
                                    "masked-image channels. known = mask 0 and the clean subject (the subject is "
-                                   "fully visible, as the scene outside its region), unknown = mask 1 and blank."}),
+                                   "fully visible, as the scene outside its region), unknown = mask 1 and a grey "
+                                   "image's latent (ComfyUI's blank)."}),
                 "record_attention": ("BOOLEAN", {"default": False, "tooltip":
                                      "Record the share of attention on subject tokens per layer, for the AnyLogo "
                                      "Attention Report node (costs extra time)."}),

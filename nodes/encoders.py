@@ -72,7 +72,8 @@ class SC_DINOv2HierarchicalEncode:
                 "subject": ("IMAGE", {"tooltip": "The subject image(s); any size or aspect ratio."}),
                 "resolution": (["224", "518"], {"default": "224",
                                                 "tooltip": "Encoder input side: 224 as in AnyLogo (257 tokens, "
-                                                           "position embeddings interpolated) or 518, DINOv2's "
+                                                           "position embeddings resized bicubically as the "
+                                                           "original DINOv2 code does) or 518, DINOv2's "
                                                            "native side in ComfyUI (1370 tokens)."}),
                 "layers": ("STRING", {"default": "quarters",
                                       "tooltip": "'quarters' (6,12,18,24 for a 24-layer model) or a comma list "

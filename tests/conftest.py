@@ -168,6 +168,44 @@ def trainer_env():
     return {**os.environ, "COMFYUI_PATH": str(find_comfyui()), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.fixture(scope="session")
+def dinov2_files(tiny_cache_dir):
+    return tiny_models.build_tiny_dinov2_files(tiny_cache_dir / "dinov2")
+
+
+@pytest.fixture(scope="session")
+def logo_manifest(tmp_path_factory):
+    """Four logo-in-scene pairs (32 px scenes, 16 px regions) from bundled material, and their manifest."""
+    from standalone import logo_scenes
+    from train.prepare_manifest import cli
+
+    folder = tmp_path_factory.mktemp("anylogo_data")
+    pairs = logo_scenes.make_pairs(4, scene_size=32, region=16, subjects=range(0, 4), seed=2)
+    logo_scenes.write_pairs(folder, pairs, scene_size=32, subject_size=64)
+    assert cli([str(folder), "--out", str(folder / "manifest.jsonl"), "--method", "anylogo"]) == 0
+    return folder / "manifest.jsonl"
+
+
+@pytest.fixture(scope="session")
+def anylogo_config(model_dirs, logo_manifest, dinov2_files):
+    """Write a tiny CPU AnyLogo trainer config (32 px scenes, tiny DINOv2, fp32 export) with overrides."""
+    import yaml
+
+    def write(path, **overrides):
+        weights, config = dinov2_files
+        values = {"base_checkpoint": str(model_dirs["checkpoints"] / "tiny_sd15_inpainting.safetensors"),
+                  "manifest": str(logo_manifest), "image_encoder": str(weights), "image_encoder_config": str(config),
+                  "resolution": 32, "subject_size": 64, "batch_size": 2, "learning_rate": 1e-3,
+                  "train_layers": "attention", "zoom_in": False, "augment_subject": False, "export_dtype": "fp32",
+                  "progress": False, "condition_dropout": 0.25, **overrides}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(values))
+        return path
+
+    return write
+
+
 class AnyLogoKit:
     """The tiny SD1.5-inpainting model with helpers to apply AnyLogo through its node and sample a region."""
 
@@ -191,7 +229,7 @@ class AnyLogoKit:
         return node.apply(self.model if model is None else model, self.vae,
                           self.subject if subject is None else subject, **args)[0]
 
-    def sample(self, model, positive="a logo", negative="", seed=1, control=None):
+    def sample(self, model, positive="a logo", negative="", seed=1, control=None, steps=None):
         """Region insertion on a flat 64x64 scene: InpaintModelConditioning (noise mask on) + KSampler."""
         scene = torch.full((1, 64, 64, 3), 0.6)
         mask = torch.zeros(1, 64, 64)
@@ -200,8 +238,41 @@ class AnyLogoKit:
         if control is not None:
             pos, neg = control(pos, neg)
         pos, neg, latent = self.nodes.InpaintModelConditioning().encode(pos, neg, scene, self.vae, mask, True)
-        return self.nodes.common_ksampler(model, seed, self.steps, 5.0, "euler", "normal", pos, neg,
+        return self.nodes.common_ksampler(model, seed, steps or self.steps, 5.0, "euler", "normal", pos, neg,
                                           latent)[0]["samples"]
+
+    def subject_passes(self, model, sample=None, **kwargs):
+        """(sigma, UNet input) of every UNet call in extraction status (AnyLogo's subject pass) during one
+        sampling (``sample(model)``, default this kit's region insertion), and the sampling's output."""
+        from model_patches.recycling import STATUS_KEY
+        from model_patches.unet_layout import diffusion_model_of
+
+        seen = []
+
+        def hook(module, args, kw):
+            options = kw.get("transformer_options", {})
+            # by name: the nodes run the pack as ComfyUI's loader imported it, a second copy of its modules
+            if type(options.get(STATUS_KEY)).__name__ == "Extraction":
+                seen.append((float(options["sigmas"].flatten()[0]), args[0].detach().clone()))
+
+        handle = diffusion_model_of(model).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            out = (sample or (lambda m: self.sample(m, **kwargs)))(model)
+        finally:
+            handle.remove()
+        return seen, out
+
+    @staticmethod
+    def assert_scene_outside(out, scene_latent, base):
+        """Every latent cell outside the region (the 8x8 pixel blocks holding no pixel of the mask 16:48) equals
+        the encoded scene up to the float32 round trip of process_latent_in/out (x 0.18215, then / 0.18215: a few
+        ulp of the latent's scale, measured 1 ulp; one cell the sampler updated differs by orders more); the region
+        itself changed against ``base``."""
+        outside = torch.ones(out.shape[-2:], dtype=torch.bool)
+        outside[2:6, 2:6] = False
+        got, want = out[..., outside], scene_latent.detach()[..., outside]
+        torch.testing.assert_close(got, want, rtol=0, atol=4 * 2 ** -23 * float(want.abs().max()))
+        assert (out[..., ~outside] - base[..., ~outside]).abs().max() > 1e-3
 
 
 @pytest.fixture(scope="session")

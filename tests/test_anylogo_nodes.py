@@ -1,4 +1,6 @@
 """AnyLogo nodes in ComfyUI: training-free and trained modes, region insertion, diagnostics, coexistence, errors."""
+import math
+
 import pytest
 import torch
 
@@ -31,17 +33,64 @@ def anylogo_weights(comfy, tiny_cache_dir):
 
 
 def test_region_insertion_keeps_the_scene_outside_the_mask_and_changes_the_region(kit):
-    base = kit.sample(kit.model)
-    out = kit.sample(kit.apply())
-    inside, outside = (slice(None), slice(None), slice(3, 5), slice(3, 5)), (slice(None), slice(None), 0, 0)
-    assert (out[inside] - base[inside]).abs().max() > 1e-3
-    torch.testing.assert_close(out[outside], base[outside])  # re-imposed scene latent (Eq. 2)
+    scene_latent = kit.vae.encode(torch.full((1, 64, 64, 3), 0.6))
+    kit.assert_scene_outside(kit.sample(kit.apply()), scene_latent, kit.sample(kit.model))  # Eq. 2
 
 
-def test_subject_concat_choice_reaches_the_subject_pass(kit):
-    known = kit.sample(kit.apply(subject_concat="known"))
-    unknown = kit.sample(kit.apply(subject_concat="unknown"))
-    assert not torch.equal(known, unknown)
+@pytest.mark.parametrize("concat", ["known", "unknown"])
+def test_the_subject_pass_gets_the_chosen_inpainting_channels(kit, concat):
+    """A pre-hook on the UNet: one subject pass per step, input = [noisy subject scaled as the sampler scales
+    its input, mask, masked-image latent] with known = (0, clean subject latent), unknown = (1, the latent
+    ComfyUI uses for a blank image: 0.8223, -0.6876, 0.6364, 0.1380 per channel)."""
+    from model_patches.extra_pass import seeded_noise
+
+    model = kit.apply(subject_concat=concat, seed=4)
+    subject = model.get_attachment("subject_customization.anylogo").subject
+    seen, _ = kit.subject_passes(model)
+    assert len(seen) == kit.steps
+    for sigma, x in seen:
+        assert x.shape == (1, 9) + subject.shape[-2:]
+        noisy = (subject + sigma * seeded_noise(subject.shape, 4, sigma, "cpu")) / (sigma ** 2 + 1) ** 0.5  # eps
+        torch.testing.assert_close(x[:, :4], noisy, rtol=1e-6, atol=1e-6)
+        if concat == "known":
+            assert torch.equal(x[:, 4], torch.zeros_like(x[:, 4])) and torch.equal(x[:, 5:], subject)
+        else:
+            grey = torch.tensor([0.8223, -0.6876, 0.6364, 0.1380]).view(1, 4, 1, 1).expand_as(subject)
+            assert torch.equal(x[:, 4], torch.ones_like(x[:, 4])) and torch.equal(x[:, 5:], grey)
+    assert len({s for s, _ in seen}) == kit.steps
+
+
+def _percent_to_sigma(sigmas, percent):
+    """ComfyUI's percent → sigma for a discrete schedule, by hand in float64: the sigma at timestep
+    (1 - percent)·999, log-linearly interpolated between the two neighbouring training sigmas."""
+    import numpy as np
+
+    if percent <= 0:
+        return math.inf
+    if percent >= 1:
+        return 0.0
+    t = (1.0 - percent) * 999.0
+    lo, w = int(np.floor(t)), t - np.floor(t)
+    log = np.log(sigmas.double().numpy())
+    return float(np.exp((1 - w) * log[lo] + w * log[min(lo + 1, 999)]))
+
+
+@pytest.mark.parametrize("start, end", [(0.0, 1.0), (0.23, 0.67), (0.0, 0.33), (0.55, 1.0)])
+def test_subject_passes_run_exactly_inside_the_start_end_window(kit, start, end):
+    """Through the node's percent inputs, 10 steps: the subject pass runs at exactly the schedule's sigmas inside
+    [sigma(end), sigma(start)] (one pass each), computed here from the schedule by hand; the percents are chosen
+    away from the schedule's own sigmas so rounding cannot move a boundary."""
+    import comfy.samplers
+
+    sampling = kit.model.get_model_object("model_sampling")
+    schedule = [float(s) for s in comfy.samplers.calculate_sigmas(sampling, "normal", 10)[:-1]]
+    hi, lo = _percent_to_sigma(sampling.sigmas, start), _percent_to_sigma(sampling.sigmas, end)
+    assert all(min(abs(s - hi), abs(s - lo)) > 1e-3 * s for s in schedule)
+    seen, _ = kit.subject_passes(kit.apply(start_percent=start, end_percent=end), steps=10)
+    expected = [s for s in schedule if lo <= s <= hi]
+    assert [s for s, _ in seen] == expected and 0 < len(expected)
+    if (start, end) != (0.0, 1.0):
+        assert len(expected) < len(schedule)
 
 
 def test_the_apply_node_leaves_the_incoming_model_alone(kit):
@@ -146,3 +195,59 @@ def test_a_non_sd15_model_is_refused(comfy, kit):
     assert other is not None, "ComfyUI did not recognise the SD2-style test UNet"
     with pytest.raises(ValueError, match="context width 1024"):  # UnsupportedModel, from the pack's own import
         kit.apply(model=other)
+
+
+def _report_rows(report: str) -> dict:
+    """layer name -> (ASA mean, first, last, SLD mean, steps) parsed from the report text."""
+    rows = {}
+    for line in report.splitlines()[3:-1]:
+        name, *values = line.split()
+        rows[name] = tuple(float(v) for v in values[:4]) + (int(values[4]),)
+    return rows
+
+
+def test_attention_report_numbers_and_heatmap_layout_follow_the_recorder():
+    """A recorder filled by hand on a non-square 3x2 grid: each report row is the mean of the recorded shares,
+    first/last are the highest/lowest sigma whatever the recording order, and the heatmap (30 high, 20 wide)
+    peaks inside the image block of the one cell given all the share (row 2, column 0), not a transposed one."""
+    from model_patches.diagnostics import attention_heatmap, attention_report
+    from model_patches.recycling import AttentionRecorder
+    from model_patches.unet_layout import TransformerSlot
+
+    slot = TransformerSlot("output", 3, 0, 0, 320, 8)
+    recorder = AttentionRecorder()
+    cell = torch.zeros(1, 6)
+    cell[0, 2 * 2 + 0] = 1.0                                   # row-major [h=3, w=2]: row 2, column 0
+    for sigma, scale, sld in [(2.0, 0.3, 0.1), (9.0, 0.5, 0.2), (0.5, 0.1, 0.3)]:  # not in sigma order
+        recorder.add(slot, sigma, cell * scale * 6, (3, 2), sld)  # mean share of the map = scale
+    (row,) = _report_rows(attention_report(recorder)).values()
+    assert row == (0.3, 0.5, 0.1, 0.2, 3)
+    heat = attention_heatmap(recorder, 30, 20)
+    assert heat.shape == (1, 30, 20, 3)
+    peak = divmod(int(heat[0, ..., 1].argmax()), 20)
+    assert 20 <= peak[0] < 30 and 0 <= peak[1] < 10, peak
+    assert float(heat[0, 25, 5, 1]) > 0.9 and float(heat[0, 5, 15, 1]) < 0.05
+
+
+def test_attention_report_of_a_non_square_scene_is_the_recorded_numbers(kit):
+    """A 96x64 (h x w) scene: every recycled layer recorded one entry per step at the latent grid of its level
+    (12x8 at 1/8, 6x4 at 1/16); the report's rows are those entries' means, first and last step."""
+    model = kit.apply(record_attention=True)
+    scene = torch.full((1, 96, 64, 3), 0.6)
+    mask = torch.zeros(1, 96, 64)
+    mask[:, 24:72, 16:48] = 1
+    pos, neg, latent = kit.nodes.InpaintModelConditioning().encode(kit.text("a logo"), kit.text(""), scene, kit.vae,
+                                                                 mask, True)
+    samples = kit.nodes.common_ksampler(model, 1, STEPS, 5.0, "euler", "normal", pos, neg, latent)[0]
+    report, heatmap = kit.nodes.NODE_CLASS_MAPPINGS["SC_AnyLogoAttentionReport"]().report(model, samples, 64, 96)
+    recorder = model.get_attachment("subject_customization.anylogo").recorder
+    patch = model.get_attachment("subject_customization.anylogo")
+    rows = _report_rows(report)
+    assert set(rows) == {slot.name for slot in patch.slots} == set(recorder.per_layer)
+    for slot in patch.slots:
+        entries = sorted(recorder.per_layer[slot.name], key=lambda e: -e[0])
+        shares = [e[1] for e in entries]
+        assert len(entries) == STEPS and recorder.shapes[slot.name] == (1, 12 >> slot.level, 8 >> slot.level)
+        expected = (sum(shares) / STEPS, shares[0], shares[-1], sum(e[2] for e in entries) / STEPS, STEPS)
+        assert rows[slot.name][:4] == pytest.approx(expected[:4], abs=5e-5) and rows[slot.name][4] == STEPS
+    assert heatmap.shape == (1, 96, 64, 3)

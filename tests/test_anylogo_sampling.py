@@ -179,3 +179,108 @@ def test_an_exception_mid_sampling_leaves_no_stale_state(sd15):
         sample(broken, positive, negative)
     assert patch._runs == []
     assert torch.equal(sample(patched, positive, negative), clean)
+
+
+# ---- sparse recycling's keep draws (Eq. 5) ------------------------------------------------------------------
+
+def _schedule_sigmas():
+    """The 1000 training sigmas of SD1.5's schedule as the sampler hands them over (float32 → Python float)."""
+    from comfy.model_sampling import ModelSamplingDiscrete
+
+    return [float(s) for s in ModelSamplingDiscrete().sigmas.float()]
+
+
+def _keeps(threshold, seed, sigmas, slots, rows):
+    """[len(sigmas), slots, rows] keep decisions of keep_bias at every (sigma, slot)."""
+    from model_patches.anylogo import keep_bias
+
+    return torch.stack([torch.stack([torch.isfinite(keep_bias(threshold, 1.0, seed, s, i, rows, "cpu"))
+                                     for i in range(slots)]) for s in sigmas])
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.8])
+def test_keep_rate_is_the_threshold_per_layer_and_draws_are_independent(comfy, threshold):
+    """16,000 (sigma, slot) draws per row: the keep rate is Λ overall and in every layer, and rows, layers and
+    neighbouring sigmas are uncorrelated. Binomial bounds: overall ±0.02 (≥ 4.3 sd at n = 16,000), per layer
+    ±0.075 (≥ 5 sd at n = 1,000), correlations |r| < 0.06 (≥ 7 sd of r at n = 16,000; per-pair tests at n = 1,000
+    use 0.16, 5 sd). An inverted comparison (u > Λ) gives 1 - Λ; the earlier linear seed formula gave per-layer
+    rates from 0.00 to 0.54 at Λ = 0.3."""
+    sigmas = _schedule_sigmas()
+    keep = _keeps(threshold, 7, sigmas, 16, 4).float()          # [1000, 16, 4]
+    assert abs(float(keep.mean()) - threshold) < 0.02
+    per_layer = keep[..., 0].mean(dim=0)
+    assert float((per_layer - threshold).abs().max()) < 0.075, per_layer
+
+    def r(a, b):
+        return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+    for j in range(1, 4):  # rows of one call
+        assert abs(r(keep[..., 0], keep[..., j])) < 0.06
+    joint = (keep[..., 0] * keep[..., 1]).mean()
+    assert abs(float(joint) - threshold ** 2) < 0.02
+    for i in range(1, 16):  # layers at the same sigma
+        assert abs(r(keep[:, 0, 0], keep[:, i, 0])) < 0.16
+    assert abs(r(keep[1:, :, 0], keep[:-1, :, 0])) < 0.06  # consecutive sigmas
+
+
+def test_keep_draws_are_independent_of_the_subject_noise_and_of_each_other(comfy):
+    """Every (stream, sigma) of one seed gets its own generator, counting only the low 32 bits that
+    torch.Generator.manual_seed keeps on the CPU; and no layer's draw follows the subject noise's first value."""
+    from model_patches import extra_pass
+
+    sigmas = _schedule_sigmas()
+    seeds = [extra_pass.step_seed(3, s, stream) for s in sigmas for stream in
+             [extra_pass.NOISE_STREAM] + [("keep", i) for i in range(16)]]
+    assert len({s & 0xFFFFFFFF for s in seeds}) == len(seeds) == 17_000
+    g = torch.Generator().manual_seed(2 ** 40 + 5)
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=torch.Generator().manual_seed(5)))
+
+    noise = torch.stack([extra_pass.seeded_noise((1, 4, 8, 8), 3, s, "cpu").flatten()[0] for s in sigmas])
+    keep = _keeps(0.5, 3, sigmas, 16, 1)[..., 0].float()
+    for i in range(16):
+        r = float(torch.corrcoef(torch.stack([noise, keep[:, i]]))[0, 1])
+        assert abs(r) < 0.16, (i, r)  # 5 sd at n = 1,000; the earlier formula gave |r| = 0.85 on layer 0
+    # the subject noise differs at every step (it repeated with period ~8 across the schedule before)
+    firsts = {tuple(extra_pass.seeded_noise((4,), 3, s, "cpu").tolist()) for s in sigmas}
+    assert len(firsts) == len(sigmas)
+
+
+def test_sampling_applies_the_drawn_layers_exactly(sd15):
+    """One step at Λ = 0.5: the image equals complete recycling restricted to the layers keep_bias keeps, and
+    differs from the complement (what an inverted comparison would keep)."""
+    import comfy.samplers
+
+    from model_patches.anylogo import AnyLogoPatch, keep_bias
+
+    model, positive, negative = sd15
+    patched, patch = recycled(model, RecyclingSettings(threshold=0.5, seed=11))
+
+    sigma = float(comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 1)[0])
+    kept = [s for i, s in enumerate(patch.slots) if torch.isfinite(keep_bias(0.5, 1.0, 11, sigma, i, 1, "cpu"))[0]]
+    assert 0 < len(kept) < len(patch.slots), "pick another seed: this one keeps all or none"
+    dropped = [s for s in patch.slots if s not in kept]
+
+    def only(slots):
+        m = model.clone()
+        AnyLogoPatch(RecyclingSettings(seed=11), slots, patch.subject).install(m)  # same subject noise
+        return sample(m, positive, negative, steps=1)
+
+    sparse = sample(patched, positive, negative, steps=1)
+    assert torch.equal(sparse, only(kept))
+    assert not torch.equal(sparse, only(dropped))
+
+
+def test_the_window_is_inclusive_at_both_schedule_sigmas(sd15):
+    """sigma_start / sigma_end set to two of the schedule's own sigmas: the subject pass runs at exactly those
+    and the ones between (Eq. 5 is off elsewhere), recorded per extraction."""
+    import comfy.samplers
+
+    model, positive, negative = sd15
+    schedule = [float(s) for s in comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"),
+                                                                  "normal", 8)[:-1]]
+    patched, patch = recycled(model, RecyclingSettings(sigma_start=schedule[2], sigma_end=schedule[5]))
+    seen, extract = [], patch.extract
+    patch.extract = lambda m, conds, t, options: (seen.append(float(t.flatten()[0])), extract(m, conds, t,
+                                                                                               options))[1]
+    sample(patched, positive, negative, steps=8)
+    assert seen == schedule[2:6]

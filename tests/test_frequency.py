@@ -39,13 +39,44 @@ def official_reference(images01: np.ndarray, low_cutoff: int, high_cutoff: int):
 
 # ---------------------------------------------------------------- signed split
 
+def numpy_bands(images: np.ndarray, radius: float, window: str):
+    """Each band on its own, with numpy: the centred spectrum (fftshift) times an explicit mask of the bins at
+    offset (dy, dx) from (H // 2, W // 2) with sqrt(dy² + dx²) <= radius (circle) or max(|dy|, |dx|) <= radius
+    (square), inverse transformed; the high band with the complementary mask — never as source − low."""
+    rows, cols = images.shape[-2:]
+    dy = np.arange(rows)[:, None] - rows // 2
+    dx = np.arange(cols)[None, :] - cols // 2
+    inside = (np.hypot(dy, dx) if window == "circle" else np.maximum(abs(dy), abs(dx))) <= radius
+    shifted = np.fft.fftshift(np.fft.fft2(images.astype(np.float64)), axes=(-2, -1))
+    return [np.real(np.fft.ifft2(np.fft.ifftshift(shifted * m, axes=(-2, -1)))) for m in (inside, ~inside)]
+
+
 @pytest.mark.parametrize("window", frequency.WINDOWS)
 @pytest.mark.parametrize("unit, cutoff", [("pixels", 7.0), ("fraction", 0.3)])
-def test_signed_low_plus_high_reconstructs_the_input(window, unit, cutoff):
+def test_signed_bands_each_equal_an_independent_fft_mask(window, unit, cutoff):
+    """Each band against numpy's explicit-mask computation on a noise image (odd, non-square), and their sum."""
     images = torch.rand(2, 3, 37, 50)
     low, high = frequency.signed_split(images, cutoff, window=window, unit=unit)
+    radius = cutoff if unit == "pixels" else cutoff * 37 / 2
+    ref_low, ref_high = numpy_bands(images.numpy(), radius, window)
+    assert np.abs(low.numpy() - ref_low).max() < ATOL and np.abs(high.numpy() - ref_high).max() < ATOL
     assert torch.allclose(low + high, images, atol=ATOL)
     assert high.abs().max() > 0.05  # the split did separate something from a noise image
+
+
+@pytest.mark.parametrize("window", frequency.WINDOWS)
+def test_signed_bands_of_a_sum_of_cosines_are_known_in_closed_form(window):
+    """mean + cosines at offsets (3, 2) and (0, 6) [inside a radius-6.5 window either way], (5, 5) [inside the
+    square only: max 5, hypot 7.07] and (9, 1) [outside both]: the low band is exactly the mean and the cosines
+    inside, the high band exactly the others."""
+    h, w = 36, 45
+    waves = {k: cosine(h, w, *k, amplitude=0.1, mean=0.0) for k in [(3, 2), (0, 6), (5, 5), (9, 1)]}
+    image = 0.5 + sum(waves.values())
+    inside = [(3, 2), (0, 6)] + ([(5, 5)] if window == "square" else [])
+    low, high = frequency.signed_split(image, 6.5, window=window)
+    expected_low = 0.5 + sum(waves[k] for k in inside)
+    expected_high = sum(v for k, v in waves.items() if k not in inside)
+    assert (low - expected_low).abs().max() < ATOL and (high - expected_high).abs().max() < ATOL
 
 
 def test_signed_grayscale_reconstructs_the_channel_mean_and_keeps_float64():

@@ -26,6 +26,27 @@ def _held_out_loss(trainer, batch) -> float:
     return float(torch.stack(losses).mean())
 
 
+def _held_out_batch(trainer, root):
+    """Four images the run never trains on: the manifest's kind (a red or blue square on the gradient, same two
+    captions, so no new text encoding) at positions of another seed; dataset indices of their own (the latent
+    cache is keyed by index)."""
+    import numpy as np
+
+    from train.finetune import ImageCaptionDataset
+
+    rng = np.random.default_rng(123)
+    ramp = np.linspace(0, 255, 64, dtype=np.float32)
+    rows = []
+    for i, colour in enumerate(("blue", "red", "red", "blue")):
+        image = np.stack([np.add.outer(ramp, ramp) / 2] * 3, -1)
+        y, x = rng.integers(8, 40, size=2)
+        image[y:y + 20, x:x + 20] = {"red": (230, 20, 20), "blue": (30, 40, 220)}[colour]
+        Image.fromarray(image.astype(np.uint8)).save(root / f"held_out_{i}.png")
+        rows.append({"image": str(root / f"held_out_{i}.png"), "caption": f"a {colour} square"})
+    items = [{**ImageCaptionDataset(rows, 64)[i], "index": 100 + i} for i in range(4)]
+    return trainer.method.collate(items)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, finetune_config):
     root = tmp_path_factory.mktemp("finetune")
@@ -36,17 +57,17 @@ def trained(tmp_path_factory, finetune_config):
     config.method = "finetune"
     trainer = Trainer(FinetuneMethod(config), DistInfo())
     trainer.prepare()
-    batch = trainer.method.collate([trainer.dataset[i] for i in range(4)])
+    batch = _held_out_batch(trainer, root)
     before = _held_out_loss(trainer, batch)
     trainer.train()
     after = _held_out_loss(trainer, batch)
     trained_values = {n: p.detach().clone() for n, p in zip(trainer.names, trainer.params)}
     yield {"out": root / "out", "before": before, "after": after, "trained": trained_values,
-           "config": config, "initial": trainer.method.initial}
+           "config": config, "initial": trainer.method.initial, "trainer": trainer}
     del trainer
 
 
-def test_finetune_reduces_the_denoising_loss(trained):
+def test_finetune_reduces_the_denoising_loss_on_images_it_never_saw(trained):
     print(f"held-out loss before {trained['before']:.4f}, after {trained['after']:.4f}")
     assert trained["after"] < 0.9 * trained["before"], (trained["before"], trained["after"])
 
@@ -122,3 +143,90 @@ def test_bad_rows_stop_before_loading_or_are_skipped_and_reported(tmp_path, fine
     assert len(trainer.dataset) == 4
     report = json.loads((tmp_path / "skip" / "manifest_report.json").read_text())
     assert report["usable_rows"] == 4 and [b["line"] for b in report["bad_rows"]] == [2]
+
+
+def test_the_loss_is_the_epsilon_mse_of_the_same_draws_by_hand(trained):
+    """ε-MSE by hand from a second generator set with the same seeds: dropout, a uniform timestep, noise; the
+    model noised as z0 + σ·ε (EPS) and ε̂ = (x − D(x)) / σ. Equal to ~1e-6 relative: the same float32 operations,
+    only a mean reduced in another order."""
+    trainer = trained["trainer"]
+    method, ctx = trainer.method, trainer.ctx
+    method.config.caption_dropout = 0.5  # both captions and the empty one take part
+    try:
+        batch = method.collate([trainer.dataset[i] for i in range(4)])
+        draws = lambda: SampleRandom(5, 77, range(4), "cpu")  # noqa: E731
+        with torch.no_grad():
+            loss, _ = method.training_loss(batch, ctx, draws())
+            rng = draws()
+            dropped = [bool(torch.rand((), generator=g) < 0.5) for g in rng.generators]
+            t = [int(torch.randint(0, 1000, (), generator=g)) for g in rng.generators]
+            noise = torch.stack([torch.randn(4, 8, 8, generator=g) for g in rng.generators])
+            model = ctx.base.model
+            z0 = torch.stack([method.latents(i, p) for i, p in zip(batch["index"], batch["pixels"])])
+            sigma = model.model_sampling.sigmas[t].float()
+            x = z0 + sigma.view(-1, 1, 1, 1) * noise
+            context = torch.stack([method.texts("" if d else c) for d, c in zip(dropped, batch["caption"])])
+            eps = (x - model.apply_model(x, sigma, c_crossattn=context).float()) / sigma.view(-1, 1, 1, 1)
+            by_hand = float(((eps - noise) ** 2).mean())
+    finally:
+        method.config.caption_dropout = 0.0
+    assert 0 < sum(dropped) < 4
+    print(f"loss {float(loss):.6f}, by hand {by_hand:.6f}")
+    assert float(loss) == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_timesteps_are_drawn_uniformly(trained):
+    """20,000 per-sample draws over the 1000 training timesteps: chi-square (999 degrees of freedom, mean 999,
+    sd 44.7) below mean + 5 sd, and both ends of the schedule drawn."""
+    from train.diffusion import draw_sigmas
+
+    model = trained["trainer"].ctx.base.model
+    sigma = draw_sigmas(model, SampleRandom(0, 0, range(20_000), "cpu"))
+    t = torch.searchsorted(model.model_sampling.sigmas.float(), sigma)
+    assert torch.equal(model.model_sampling.sigmas.float()[t], sigma)
+    counts = torch.bincount(t, minlength=1000).double()
+    chi2 = float(((counts - 20.0) ** 2 / 20.0).sum())
+    print(f"chi-square {chi2:.1f} (999 dof)")
+    assert chi2 < 999 + 5 * 44.7 and counts[0] > 0 and counts[999] > 0
+
+
+@pytest.fixture(scope="module")
+def accumulation_runs(tmp_path_factory, finetune_config):
+    """Two steps of global batch 2 in one process: micro-batch 1 x 2 accumulated vs one micro-batch of 2.
+    Gradient clipping off: clipping rescales the gradient, which would hide a wrong accumulation scale."""
+    root = tmp_path_factory.mktemp("accumulation")
+    states = {}
+    for micro in (1, 2):
+        cfg = finetune_config(root / f"cfg{micro}.yaml", steps=2, checkpoint_every=2, caption_dropout=0.5,
+                              max_grad_norm=0.0, micro_batch_size=micro)
+        config, _ = parse_command_line(FinetuneConfig, ["--config", str(cfg), "--output_dir", str(root / f"m{micro}")])
+        config.method = "finetune"
+        trainer = Trainer(FinetuneMethod(config), DistInfo())
+        trainer.prepare()
+        assert trainer.order.accumulation == 2 // micro
+        trainer.train()
+        states[micro] = ({n: p.detach().clone() for n, p in zip(trainer.names, trainer.params)},
+                         [{k: v.clone() for k, v in trainer.optimizer.state[p].items()} for p in trainer.params])
+        del trainer
+    return states
+
+
+def test_gradient_accumulation_equals_the_full_micro_batch(accumulation_runs):
+    """AdamW's first and second moments (linear / quadratic in the averaged gradients) agree: a missing division
+    by the accumulation count would double the first moment (the weights barely show it: Adam is nearly scale
+    invariant). Tolerance: the two runs differ in float summation order only (a batch-2 matmul vs two batch-1
+    passes): first moment within 1e-5 of its largest entry (1e-8 absolute at the least)."""
+    (w1, s1), (w2, s2) = accumulation_runs[1], accumulation_runs[2]
+    m1 = torch.cat([s["exp_avg"].flatten() for s in s1])
+    m2 = torch.cat([s["exp_avg"].flatten() for s in s2])
+    v1 = torch.cat([s["exp_avg_sq"].flatten() for s in s1])
+    v2 = torch.cat([s["exp_avg_sq"].flatten() for s in s2])
+    scale = float(m2.abs().max())
+    print(f"first moment: max |diff| {float((m1 - m2).abs().max()):.3g} of scale {scale:.3g}; second moment: "
+          f"max |diff| {float((v1 - v2).abs().max()):.3g} of {float(v2.max()):.3g}")
+    assert scale > 0
+    assert float((m1 - m2).abs().max()) <= max(1e-8, 1e-5 * scale)
+    assert float((v1 - v2).abs().max()) <= 1e-4 * float(v2.max())
+    assert float(m1.dot(m2) / (m1.norm() * m2.norm())) > 1 - 1e-9
+    moved = max(float((w1[n] - w2[n]).abs().max()) for n in w1)
+    assert moved <= 5e-5  # the weights (see test_train_ddp for why AdamW's update is compared loosely)

@@ -2,6 +2,7 @@
 
 Tolerance: float32 on CPU, the same modules in the same order; 1e-5 absolute and relative.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,45 @@ def test_dinov2_states_at_224_follow_the_reference_interpolation(tiny_dinov2):
     for layer in (2, 8):
         assert states[layer].shape == (2, 257, 64)  # 16x16 patches + class token
         torch.testing.assert_close(states[layer], reference[layer], atol=ATOL, rtol=RTOL)
+
+
+def numpy_dinov2_position_grid(grid: np.ndarray, out_h: int, out_w: int, offset: float = 0.1) -> np.ndarray:
+    """The position-embedding resize of the DINOv2 code base AnyDoor vendors (and AnyLogo's pipeline builds on):
+    ``interpolate(..., scale_factor=((h0 + 0.1) / M, (w0 + 0.1) / M), mode="bicubic")`` on the M x M grid, written
+    out with numpy: Keys cubic convolution (a = -0.75, PyTorch's), half-pixel centres mapped with the *given*
+    scale (src = (dst + 0.5) · M / (n + offset) − 0.5, not M / n), edge samples clamped. ``grid`` [M, M, D]."""
+    def weights(n_out: int, n_in: int) -> np.ndarray:
+        a, w = -0.75, np.zeros((n_out, n_in))
+        for i in range(n_out):
+            src = (i + 0.5) * n_in / (n_out + offset) - 0.5
+            base = int(np.floor(src))
+            t = src - base
+            for k, d in zip(range(base - 1, base + 3), (t + 1, t, 1 - t, 2 - t)):
+                d = abs(d)
+                c = ((a + 2) * d - (a + 3)) * d * d + 1 if d <= 1 else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+                w[i, min(max(k, 0), n_in - 1)] += c
+        return w
+
+    m = grid.shape[0]
+    return np.einsum("ij,jkd,lk->ild", weights(out_h, m), grid.astype(np.float64), weights(out_w, m))
+
+
+@pytest.mark.parametrize("grid_h, grid_w", [(16, 16), (12, 20)])
+def test_dinov2_position_interpolation_is_the_dinov2_code_bases_convention(grid_h, grid_w):
+    """The embedding step at 224 px (16x16 patches) against an independent numpy reference of the DINOv2 code
+    base's rule (bicubic, scale factor (grid + 0.1) / 37, no antialias), on a random 37x37 grid: equal to 1e-5.
+    An exact-size resize (what transformers' Dinov2 does now) differs by far more, so the test tells them apart."""
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(1 + 37 * 37, 8, generator=g)
+    ours = vf._resized_positions(pos, grid_h, grid_w)
+    assert torch.equal(ours[0], pos[0])                                   # the class position is kept
+    reference = numpy_dinov2_position_grid(pos[1:].reshape(37, 37, 8).numpy(), grid_h, grid_w)
+    got = ours[1:].reshape(grid_h, grid_w, 8).numpy()
+    assert np.abs(got - reference).max() < 1e-5
+    exact = torch.nn.functional.interpolate(pos[1:].reshape(1, 37, 37, 8).permute(0, 3, 1, 2), size=(grid_h, grid_w),
+                                            mode="bicubic", align_corners=False)[0].permute(1, 2, 0).numpy()
+    print(f"max |ours - exact-size resize| = {np.abs(got - exact).max():.3f} on a unit-variance grid")
+    assert np.abs(got - exact).max() > 0.1
 
 
 def test_clip_states_at_224_equal_comfyui_forward(tiny_clip_vision):

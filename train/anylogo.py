@@ -71,7 +71,7 @@ class AnyLogoConfig(TrainConfig):
     detach_signatures: bool = option(False, "no gradient through the extraction pass (cheaper; the paper "
                                      "trains through it)")
     subject_concat: str = option("known", "inpainting channels of the subject pass: known = mask 0 + clean "
-                                 "subject latent, unknown = mask 1 + blank", choices=SUBJECT_CONCAT)
+                                 "subject latent, unknown = mask 1 + a grey image's latent", choices=SUBJECT_CONCAT)
     zoom_in: bool = option(True, "random zoom-in crop around the region (off: the largest centred square)")
     zoom_fill: list[float] = option([0.3, 1.0], "range of the region's longer side as a fraction of the crop")
     augment_subject: bool = option(True, "random flip, rotation, optical distortion, resolution change")
