@@ -11,7 +11,8 @@ Definitions (what the papers measure; README "Evaluation" has each paper's proto
   ``pooled_output``), at ``dino_size`` (224 by default, the DreamBench-style evaluation side; position embeddings
   are interpolated as DINOv2 does; 518 is ComfyUI's native DINOv2 side), centre-cropped like CLIP.
 * **CLIP-T**: cosine of the CLIP image embedding of the *whole* generated image and the projected text embedding
-  of its prompt (ComfyUI's CLIP text model: pooled EOS state through ``text_projection``). Both must be the two
+  of its prompt (ComfyUI's CLIP text model: pooled EOS state, through ``text_projection``, which ComfyUI's
+  SD1 CLIP does not apply by default). Both must be the two
   halves of the same CLIP (ViT-L/14 vision with CLIP-L text for SD1.5: both 768-d).
 * **LPIPS** (lower is more similar): the perceptual distance of ``image_ops.lpips`` between the generated view
   and each reference view, both resized to ``lpips_size`` squared, averaged over the references.
@@ -152,23 +153,35 @@ def dino_class_tokens(dinov2, views: list[torch.Tensor], size: int = 224) -> tor
     return torch.cat(out).cpu()
 
 
+def text_projection(clip_text) -> torch.Tensor:
+    """The [D, D] ``text_projection`` weight of a ComfyUI CLIP holding one text encoder (CLIP-L for SD1.5)."""
+    found = [m for name, m in clip_text.cond_stage_model.named_modules() if name.endswith("text_projection")]
+    if len(found) != 1:
+        raise SimilarityError(f"CLIP-T needs a CLIP with one CLIP text encoder (CLIP-L for SD1.5); this CLIP has "
+                              f"{len(found)} text projections")
+    weight = found[0].weight.detach().float().cpu()
+    if torch.count_nonzero(weight) == 0:
+        raise SimilarityError(
+            "the CLIP text model's text_projection weights are missing (all zero): SD1.5 checkpoints do not carry "
+            "them and ComfyUI leaves the projection at zero. For CLIP-T load the full CLIP-L text encoder (e.g. "
+            "clip_l.safetensors, which has text_projection) with the stock Load CLIP node, type stable_diffusion")
+    return weight
+
+
 @torch.no_grad()
 def clip_text_embeddings(clip_text, prompts: list[str]) -> torch.Tensor:
-    """[N, D] projected text embeddings (pooled EOS state through ``text_projection``) of ComfyUI's CLIP."""
+    """[N, D] projected text embeddings: the pooled (EOS, final-norm) state through ``text_projection``.
+
+    ComfyUI's SD1 CLIP hands out the *unprojected* pooled state by default (SD1.5 never uses the projection), so
+    the projection is applied here, as CLIP does for its image-text similarity."""
+    weight = text_projection(clip_text)
     out = []
     for prompt in prompts:
-        _, pooled = clip_text.encode_from_tokens(clip_text.tokenize(prompt), return_pooled=True)
+        _, pooled = clip_text.encode_from_tokens(clip_text.tokenize(prompt), return_pooled="unprojected")
         if pooled is None:
             raise SimilarityError("this CLIP model gives no pooled text embedding; CLIP-T needs CLIP-L text "
                                   "(e.g. clip_l.safetensors with Load CLIP, type stable_diffusion)")
-        pooled = pooled.float().reshape(-1).cpu()
-        if torch.count_nonzero(pooled) == 0:
-            raise SimilarityError(
-                "the CLIP text model's projected embedding is all zeros: its text_projection weights are missing "
-                "(SD1.5 checkpoints do not carry them, ComfyUI leaves the projection at zero). For CLIP-T load the "
-                "full CLIP-L text encoder (e.g. clip_l.safetensors, which has text_projection) with the stock "
-                "Load CLIP node, type stable_diffusion")
-        out.append(pooled)
+        out.append(pooled.float().reshape(-1).cpu() @ weight.T)
     return torch.stack(out)
 
 
