@@ -1,7 +1,7 @@
 """ComfyUI node classes of the pack. Each module exports its own mappings; this file only gathers them."""
-from . import anylogo, encoders, frequency, points
+from . import anylogo, encoders, frequency, points, similarity
 
-_MODULES = (frequency, points, encoders, anylogo)
+_MODULES = (frequency, points, encoders, anylogo, similarity)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -10,6 +10,10 @@ METHOD_FOLDERS = {
     "p3s": "P3S injection copy, RNGR encoder and injection convs",
     "customcontrast": "CustomContrast MFI encoder and visual cross-attention weights",
 }
+# evaluation weights (not a method's): listed by the Subject Similarity node and python -m train.evaluate
+EVALUATION_FOLDERS = {
+    "lpips": "LPIPS network (backbone + linear heads) for the Subject Similarity scores",
+}
 WEIGHT_EXTENSIONS = {".safetensors"}
 
 
@@ -20,7 +24,7 @@ def register_model_folders() -> None:
     folder name (with an empty extension set, which ComfyUI treats as "any file"); we keep its paths, add ours
     behind them unless already present, and restrict the listing to safetensors files.
     """
-    for name in METHOD_FOLDERS:
+    for name in (*METHOD_FOLDERS, *EVALUATION_FOLDERS):
         default = os.path.join(folder_paths.models_dir, name)
         paths, _extensions = folder_paths.folder_names_and_paths.get(name, ([], set()))
         paths = list(paths)

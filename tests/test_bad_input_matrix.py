@@ -75,6 +75,8 @@ DEFAULTS: dict[str, Callable] = {
                                       threshold=1.0, strength=1.0, start_percent=0.0, end_percent=1.0, seed=0,
                                       subject_size=64),
     "SC_AnyLogoLoader": lambda c: dict(weights_name=c.good_file.name),
+    "SC_SubjectSimilarity": lambda c: dict(generated=img(), reference=img(fill=0.3), region="full", dino_size=224,
+                                           lpips_weights="none", lpips_size=256, rank_by="auto", clip_vision=c.clip),
     "SC_AnyLogoAttentionReport": lambda c: dict(model=c.recorded, samples={"samples": torch.zeros(1, 4, 8, 8)},
                                                 width=32, height=32),
 }
@@ -176,6 +178,7 @@ def nan_embeds():
 FREQ, POINTS, DINO, CLIPN = "SC_FrequencySplit", "SC_PointsToMask", "SC_DINOv2HierarchicalEncode", \
     "SC_CLIPHierarchicalEncode"
 APPLY, LOADER, REPORT = "SC_AnyLogoApply", "SC_AnyLogoLoader", "SC_AnyLogoAttentionReport"
+SIMILARITY = "SC_SubjectSimilarity"
 
 ROWS: list[Row] = [
     # -- Frequency Split --------------------------------------------------------------------------------------
@@ -292,6 +295,27 @@ ROWS: list[Row] = [
         args=lambda c: {"weights_name": weight_file(c, "w_sdxl.safetensors", base_architecture="sdxl")}),
     Row(LOADER, 0, "not_in_folder", "absent.safetensors", args=lambda c: {"weights_name": "absent.safetensors"},
         executor=True),
+
+    # -- Subject Similarity ---------------------------------------------------------------------------------------
+    *image_rows(SIMILARITY, "generated", executor=("nan",)),
+    *image_rows(SIMILARITY, "reference"),
+    *mask_rows(SIMILARITY, "generated_mask", images="generated", of="generated image", executor=("pairing",)),
+    *mask_rows(SIMILARITY, "reference_mask", images="reference", of="reference image"),
+    Row(SIMILARITY, 0, "missing_reference", "reference must be a", args=lambda c: {"reference": None}),
+    Row(SIMILARITY, 4, "prompt_count_mismatch", "text has 3 prompt lines for 2 generated images",
+        args=lambda c: {"generated": img(batch=2), "text": "a\nb\nc"}),
+    Row(SIMILARITY, 6, "empty_generated_mask", "generated mask 0 is empty",
+        args=lambda c: {"region": "box", "generated_mask": torch.zeros(1, 32, 32)}),
+    Row(SIMILARITY, 6, "box_without_mask", "region 'box' needs a generated mask", args=lambda c: {"region": "box"}),
+    Row(SIMILARITY, 0, "dinov2_as_clip_vision", "needs CLIP ViT vision", args=lambda c: {"clip_vision": c.dino}),
+    Row(SIMILARITY, 0, "clip_as_dinov2", "needs DINOv2", args=lambda c: {"dinov2": c.clip}),
+    Row(SIMILARITY, 5, "missing_lpips_weights", "LPIPS weights file not found",
+        args=lambda c: {"lpips_weights": "alex_lpips.safetensors"}),
+    Row(SIMILARITY, 5, "missing_lpips_weights_in_ui", "alex_lpips.safetensors",
+        args=lambda c: {"lpips_weights": "alex_lpips.safetensors"}, executor=True),
+    Row(SIMILARITY, 0, "no_model", "nothing to compute", args=lambda c: {"clip_vision": None}),
+    Row(SIMILARITY, 0, "rank_by_missing_metric", "rank_by is 'dino_i' but DINO-I is not computed",
+        args=lambda c: {"rank_by": "dino_i"}),
 
     # -- AnyLogo Attention Report -------------------------------------------------------------------------------
     Row(REPORT, 1, "nan_samples", "samples holds 1 non-finite value (1 NaN) of 256, the first at latent 0, channel 1",

@@ -8,7 +8,7 @@ import train
 
 
 def _trainers() -> list[str]:
-    skip = {"__main__"}
+    skip = {"__main__", "evaluate"}
     return sorted(m.name for m in pkgutil.iter_modules(train.__path__)
                   if not m.ispkg and m.name not in skip and hasattr(importlib.import_module(f"train.{m.name}"),
                                                                       "main"))
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     names = _trainers()
     print("trainers:", ", ".join(names) if names else "none yet")
     print("usage: torchrun --nproc_per_node=N -m train.<method> --config FILE [overrides]")
+    print("evaluation (CLIP-I, CLIP-T, DINO-I, LPIPS): python -m train.evaluate --help")
     return 0
 
 
