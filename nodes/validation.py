@@ -39,10 +39,14 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1].upper() in "AEIOU" else "a"
+
+
 def _tensor(value, name: str, node: str, kind: str, layout: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise InputError(f"{node}: {name} must be a {kind} tensor {layout}, got {type(value).__name__}; connect "
-                         f"a {kind} output")
+        raise InputError(f"{node}: {name} must be {_article(kind)} {kind} tensor {layout}, got "
+                         f"{type(value).__name__}; connect {_article(kind)} {kind} output")
     return value
 
 
