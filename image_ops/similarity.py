@@ -153,6 +153,23 @@ def dino_class_tokens(dinov2, views: list[torch.Tensor], size: int = 224) -> tor
     return torch.cat(out).cpu()
 
 
+def projection_looks_loaded(weight: torch.Tensor) -> bool:
+    """Whether a [D, D] projection holds trained values rather than the memory ComfyUI left it.
+
+    ComfyUI builds its models without initialising weights (``torch.empty``) and an SD1.5 checkpoint has no
+    text_projection, so the projection of a checkpoint's CLIP is whatever memory it was given: zeros for fresh
+    memory, leftovers of freed tensors otherwise. Zeros, non-finite values and magnitudes no trained projection has
+    are refused here; leftovers that look like weights cannot be told apart from weights, which is why the
+    evaluation command checks the text encoder *file* for the key instead (train.evaluate.load_clip_text) and the
+    node's tooltip asks for the stock Load CLIP with clip_l.
+    """
+    if weight.numel() == 0 or not bool(torch.isfinite(weight).all()):
+        return False
+    zeros = float((weight == 0).float().mean())
+    tiny = float((weight.abs() < 1e-30).float().mean())  # denormals: the bit patterns of integers read as floats
+    return zeros < 0.5 and tiny < 0.5 and float(weight.abs().max()) < 1e3
+
+
 def text_projection(clip_text) -> torch.Tensor:
     """The [D, D] ``text_projection`` weight of a ComfyUI CLIP holding one text encoder (CLIP-L for SD1.5)."""
     found = [m for name, m in clip_text.cond_stage_model.named_modules() if name.endswith("text_projection")]
@@ -160,11 +177,12 @@ def text_projection(clip_text) -> torch.Tensor:
         raise SimilarityError(f"CLIP-T needs a CLIP with one CLIP text encoder (CLIP-L for SD1.5); this CLIP has "
                               f"{len(found)} text projections")
     weight = found[0].weight.detach().float().cpu()
-    if torch.count_nonzero(weight) == 0:
+    if not projection_looks_loaded(weight):
         raise SimilarityError(
-            "the CLIP text model's text_projection weights are missing (all zero): SD1.5 checkpoints do not carry "
-            "them and ComfyUI leaves the projection at zero. For CLIP-T load the full CLIP-L text encoder (e.g. "
-            "clip_l.safetensors, which has text_projection) with the stock Load CLIP node, type stable_diffusion")
+            "the CLIP text model's text_projection weights are missing (zero, non-finite or not a trained "
+            "projection): SD1.5 checkpoints do not carry them and ComfyUI leaves the projection uninitialised. For "
+            "CLIP-T load the full CLIP-L text encoder (e.g. clip_l.safetensors, which has text_projection) with the "
+            "stock Load CLIP node, type stable_diffusion")
     return weight
 
 

@@ -157,12 +157,44 @@ def test_clip_t_is_the_image_embedding_against_the_projected_text_embedding(clip
 
 
 def test_clip_t_refuses_a_checkpoint_clip_without_projection_and_mismatched_widths(comfy, clip, clip_text):
+    # A checkpoint's CLIP has no text_projection and ComfyUI does not initialise it: its values are whatever memory
+    # it got. Fresh memory is zeros; freed memory can hold NaN or integers read as floats (denormals). Each such
+    # state is set explicitly so the check is tested on all of them, not on what the allocator gave this run.
     plain = comfy.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.safetensors")[1]
-    with pytest.raises(sim.SimilarityError, match="text_projection weights are missing"):
-        sim.score(images(1), images(1), sim.Encoders(clip_vision=clip, clip_text=plain), prompts=["a dog"])
+    weight = plain.cond_stage_model.clip_l.transformer.text_projection.weight
+    integers = torch.arange(weight.numel(), dtype=torch.int32).view(weight.shape)
+    for state in (torch.zeros_like(weight), torch.full_like(weight, float("nan")), integers.view(torch.float32)):
+        weight.data.copy_(state)
+        with pytest.raises(sim.SimilarityError, match="text_projection weights are missing"):
+            sim.score(images(1), images(1), sim.Encoders(clip_vision=clip, clip_text=plain), prompts=["a dog"])
+    assert sim.projection_looks_loaded(clip_text.cond_stage_model.clip_l.transformer.text_projection.weight)
     with pytest.raises(sim.SimilarityError, match="has 768 values but the CLIP image embedding 32"):
         sim.score(images(1), images(1), sim.Encoders(clip_vision=tiny_models.tiny_clip_vision(0),
                                                      clip_text=clip_text), prompts=["a dog"])
+
+
+def test_the_command_refuses_a_text_encoder_file_without_projection(comfy, tmp_path, capsys):
+    # The command can do what the node cannot: look in the file for the key before ComfyUI loads it.
+    from safetensors.torch import save_file
+
+    from train import evaluate
+
+    (tmp_path / "g").mkdir()
+    _save_png(images(1)[0], tmp_path / "g" / "a.png")
+    text_sd = {"text_model.final_layer_norm.weight": torch.ones(8)}
+    save_file(text_sd, str(tmp_path / "from_checkpoint.safetensors"))
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    for name, expected in (("from_checkpoint.safetensors", "has no text_projection tensor (1 tensors)"),
+                           ("broken.safetensors", "is not a readable .safetensors file")):
+        rc = evaluate.main(["--generated", str(tmp_path / "g"), "--references", str(tmp_path / "g"), "--clip-text",
+                            str(tmp_path / name), "--prompt", "a dog", "--out", str(tmp_path / "out"),
+                            "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and name in err and expected in err, err
+    assert not (tmp_path / "out").exists()
+    with_projection = {**text_sd, "text_projection.weight": torch.eye(8)}
+    save_file(with_projection, str(tmp_path / "clip_l.safetensors"))
+    assert "text_projection.weight" in evaluate._tensor_names(tmp_path / "clip_l.safetensors")
 
 
 def test_lpips_equals_the_formula_and_round_trips_through_its_file(lpips_net, tmp_path):

@@ -231,10 +231,31 @@ def load_vision(name: str, config: str, kind: str, what: str):
     return model, path
 
 
+def _tensor_names(path: Path) -> list[str]:
+    """The tensor names of a weight file, read from its header where the format allows (no weights loaded)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as error:  # safetensors raises its own types for a truncated or foreign file
+            raise EvaluationError(f"{path.name} is not a readable .safetensors file: {error}") from error
+    import comfy.utils
+
+    return list(comfy.utils.load_torch_file(str(path)).keys())
+
+
 def load_clip_text(name: str):
     import comfy.sd
 
     path = _resolve(name, "text_encoders", "CLIP text")
+    keys = _tensor_names(path)
+    if not any(k.endswith("text_projection.weight") or k.endswith("text_projection") for k in keys):
+        raise EvaluationError(
+            f"{path.name} has no text_projection tensor ({len(keys)} tensors): CLIP-T needs the projected text "
+            "embedding, so give the full CLIP-L text encoder (e.g. clip_l.safetensors), not one taken out of an "
+            "SD1.5 checkpoint (checkpoints do not carry the projection)")
     clip = comfy.sd.load_clip(ckpt_paths=[str(path)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
     return clip, path
 
