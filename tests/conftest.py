@@ -5,7 +5,11 @@ checkpoints, full-layout vision files) are built once per test session into a ca
 builder version, so a second session on the same machine reuses them.
 """
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
@@ -166,6 +170,50 @@ def trainer_env():
     from standalone.host import find_comfyui
 
     return {**os.environ, "COMFYUI_PATH": str(find_comfyui()), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class TrainerProcess:
+    """Runs a trainer the way a user does: its own process, cwd = the pack root, plain or under torchrun."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.torchrun = str(Path(sys.executable).parent / "torchrun")
+
+    def run(self, args: list, check: bool = True) -> subprocess.CompletedProcess:
+        """`python ARGS` (e.g. ["-m", "train.finetune", ...]); with check, a failure shows the trainer's stderr."""
+        return self._run([sys.executable, *map(str, args)], check)
+
+    def run_torchrun(self, nproc: int, args: list, check: bool = True) -> subprocess.CompletedProcess:
+        """`torchrun --nproc_per_node=NPROC ARGS` on a free port, so parallel test runs do not collide."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return self._run([self.torchrun, f"--nproc_per_node={nproc}", f"--master_port={port}", *map(str, args)],
+                         check)
+
+    def kill_when_written(self, args: list, path: Path) -> None:
+        """Start `python ARGS`, SIGKILL it the moment PATH exists (a checkpoint), and check it was killed, not done.
+
+        SIGKILL rather than SIGTERM: a crash or an out-of-memory kill gives the trainer no chance to clean up."""
+        proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=PACK_ROOT, env=self.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, f"the run ended on its own before the kill:\n{stderr[-3000:]}"
+
+    def _run(self, cmd: list, check: bool) -> subprocess.CompletedProcess:
+        result = subprocess.run(cmd, cwd=PACK_ROOT, env=self.env, capture_output=True, text=True, timeout=600)
+        if check:
+            assert result.returncode == 0, f"{cmd} failed:\n{result.stderr[-4000:]}"
+        return result
+
+
+@pytest.fixture(scope="session")
+def trainer(trainer_env) -> TrainerProcess:
+    return TrainerProcess(trainer_env)
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,6 @@ One module fixture runs the tiny trainer three ways, 4 steps of global batch 2, 
 first checkpoint and resumed.
 """
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,20 +14,7 @@ import torch
 
 from train.checkpoint import list_checkpoints, load_checkpoint
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd, env):
-    result = subprocess.run(cmd, cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stderr[-4000:]}"
-    return result
 
 
 def _log(out: Path) -> list[dict]:
@@ -45,29 +26,19 @@ def _final(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, anylogo_config, trainer_env):
+def runs(tmp_path_factory, anylogo_config, trainer):
     root = tmp_path_factory.mktemp("anylogo_parallel")
     cfg = anylogo_config(root / "cfg.yaml", steps=STEPS, checkpoint_every=2, condition_dropout=0.5,
                          zoom_in=True, augment_subject=True, source_weights=["logo=1", "glyphs=3"])
-    single = [sys.executable, "-m", "train.anylogo", "--config", str(cfg), "--output_dir"]
-    _run(single + [str(root / "single")], trainer_env)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    _run([str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "train.anylogo",
-          "--config", str(cfg), "--output_dir", str(root / "ddp")], trainer_env)
+    single = ["-m", "train.anylogo", "--config", cfg, "--output_dir"]
+    trainer.run(single + [root / "single"])
+    trainer.run_torchrun(2, single + [root / "ddp"])
 
     killed = root / "killed"
-    target = killed / "checkpoints" / "step_00000002.pt"
-    proc = subprocess.Popen(single + [str(killed)], cwd=PACK_ROOT, env=trainer_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended on its own before the kill:\n{stderr[-3000:]}"
+    trainer.kill_when_written(single + [killed], killed / "checkpoints" / "step_00000002.pt")
     saved = [s for s, _ in list_checkpoints(killed / "checkpoints")]
     assert saved and saved[-1] < STEPS and not (killed / "anylogo.safetensors").exists()
-    resumed = _run(single + [str(killed)], trainer_env)
+    resumed = trainer.run(single + [killed])
     assert f"(step {saved[-1]})" in resumed.stderr
     return {"single": root / "single", "ddp": root / "ddp", "killed": killed}
 

@@ -5,39 +5,18 @@ train.finetune`` (micro-batch 2), 3 AdamW steps of global batch 2 with caption d
 """
 import hashlib
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd, env):
-    result = subprocess.run(cmd, cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stderr[-4000:]}"
-    return result
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, finetune_config, trainer_env):
+def runs(tmp_path_factory, finetune_config, trainer):
     root = tmp_path_factory.mktemp("ddp")
     cfg = finetune_config(root / "cfg.yaml", steps=3, checkpoint_every=3, caption_dropout=0.5)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    _run([str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "train.finetune",
-          "--config", str(cfg), "--output_dir", str(root / "ddp")], trainer_env)
-    _run([sys.executable, "-m", "train.finetune", "--config", str(cfg), "--output_dir", str(root / "single")],
-         trainer_env)
+    trainer.run_torchrun(2, ["-m", "train.finetune", "--config", cfg, "--output_dir", root / "ddp"])
+    trainer.run(["-m", "train.finetune", "--config", cfg, "--output_dir", root / "single"])
     return root / "ddp", root / "single"
 
 
@@ -93,9 +72,7 @@ def test_per_sample_draws_match_across_the_split(runs):
     assert {r["caption_dropped"] for r in steps_b} != {0.0}, "dropout should have fired in 6 draws at p=0.5"
 
 
-def test_torchrun_module_mode_keeps_comfyuis_nodes_module(trainer_env):
+def test_torchrun_module_mode_keeps_comfyuis_nodes_module(trainer, trainer_env):
     """torchrun runs `-m train…` from the pack root, where our nodes/ package would shadow ComfyUI's nodes.py."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    result = _run([str(torchrun), "--nproc_per_node=1", f"--master_port={_free_port()}", "-m", "train", "--where"],
-                  trainer_env)
+    result = trainer.run_torchrun(1, ["-m", "train", "--where"])
     assert f"nodes module: {Path(trainer_env['COMFYUI_PATH']) / 'nodes.py'}" in result.stdout

@@ -4,11 +4,6 @@ before the bad update and leaves the last good checkpoint loadable and resumable
 All runs: tiny SD1.5, 64 px, 6 steps of batch 2, checkpoints every 2 steps, one CPU process.
 """
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,16 +12,11 @@ from safetensors.torch import load_file
 
 from train.checkpoint import list_checkpoints, load_checkpoint
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
 
 
-def _command(cfg, out, *extra):
-    return [sys.executable, "-m", "train.finetune", "--config", str(cfg), "--output_dir", str(out), *extra]
-
-
-def _run(cmd, env):
-    return subprocess.run(cmd, cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=600)
+def _args(cfg, out, *extra):
+    return ["-m", "train.finetune", "--config", cfg, "--output_dir", out, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +27,9 @@ def cfg(tmp_path_factory, finetune_config):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(cfg, trainer_env):
+def uninterrupted(cfg, trainer):
     out = cfg.parent / "uninterrupted"
-    result = _run(_command(cfg, out), trainer_env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    trainer.run(_args(cfg, out))
     return out
 
 
@@ -63,29 +52,20 @@ def _assert_same_final_state(out: Path, reference: Path):
     assert _losses(out) == _losses(reference)          # the log reads as one run: steps 1..6 once each
 
 
-def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(cfg, uninterrupted, trainer_env):
+def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(cfg, uninterrupted, trainer):
     out = cfg.parent / "killed"
-    target = out / "checkpoints" / "step_00000002.pt"
-    proc = subprocess.Popen(_command(cfg, out), cwd=PACK_ROOT, env=trainer_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended on its own before the kill:\n{stderr[-3000:]}"
+    trainer.kill_when_written(_args(cfg, out), out / "checkpoints" / "step_00000002.pt")
     saved = [s for s, _ in list_checkpoints(out / "checkpoints")]
     assert saved and saved[-1] < STEPS and not (out / "finetune.safetensors").exists()
 
-    resumed = _run(_command(cfg, out), trainer_env)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    resumed = trainer.run(_args(cfg, out))
     assert f"resuming from {out / 'checkpoints' / f'step_{saved[-1]:08d}.pt'} (step {saved[-1]})" in resumed.stderr
     _assert_same_final_state(out, uninterrupted)
 
 
-def test_nan_stops_before_the_update_and_the_last_good_checkpoint_resumes(cfg, uninterrupted, trainer_env):
+def test_nan_stops_before_the_update_and_the_last_good_checkpoint_resumes(cfg, uninterrupted, trainer):
     out = cfg.parent / "nan"
-    stopped = _run(_command(cfg, out, "--set", "debug_nan_at_step=4"), trainer_env)
+    stopped = trainer.run(_args(cfg, out, "--set", "debug_nan_at_step=4"), check=False)
     assert stopped.returncode == 3
     good = out / "checkpoints" / "step_00000002.pt"
     assert "non-finite training signal at step 4 (loss=nan" in stopped.stderr
@@ -100,6 +80,5 @@ def test_nan_stops_before_the_update_and_the_last_good_checkpoint_resumes(cfg, u
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["event"] == "stopped" and [r["step"] for r in log if "loss" in r] == [1, 2, 3]
 
-    resumed = _run(_command(cfg, out, "--set", "debug_nan_at_step=null"), trainer_env)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    trainer.run(_args(cfg, out, "--set", "debug_nan_at_step=null"))
     _assert_same_final_state(out, uninterrupted)
