@@ -44,6 +44,16 @@ class StopCapture(Exception):
     """Raised inside the reference pass once every RRA layer's input is banked."""
 
 
+def clamp_unit(x: torch.Tensor) -> torch.Tensor:
+    """clamp(x, 0, 1) whose gradient passes where 0 <= x <= 1, boundaries included.
+
+    Eq. 8's φ. The torch this pack runs on gives clamp a zero gradient *at* the bounds, so a zero-initialised
+    head (m̃ = 0 exactly) would never receive one and RRA could not start training; the official code trained
+    under the inclusive convention. Values are clamp's exactly (identity at initialisation holds bit for bit)."""
+    inside = (x >= 0) & (x <= 1)
+    return torch.where(inside, x, x.detach().clamp(0.0, 1.0))
+
+
 class ResidualReferenceAttention(torch.nn.Module):
     """The trainable part of one RRA layer: reference K/V projections and the fusion head H_r."""
 
@@ -75,7 +85,7 @@ class ResidualReferenceAttention(torch.nn.Module):
         weight = self.fusion.weight.to(h.device, h.dtype)
         bias = self.fusion.bias.to(h.device, h.dtype)
         out = torch.nn.functional.linear(torch.cat([ra, sa], dim=-1), weight, bias)
-        r, m = out[..., :self.channels], torch.clamp(out[..., self.channels:], 0.0, 1.0)
+        r, m = out[..., :self.channels], clamp_unit(out[..., self.channels:])
         if strength != 1.0:
             m = m * strength
         return h * (1 - m) + r * m, m

@@ -111,3 +111,15 @@ def embedding_files(embeddings: torch.Tensor) -> dict[str, dict[str, torch.Tenso
     e = embeddings.detach().float().cpu()
     return {"": {"clip_l": (e[0] + e[1])[None].contiguous()}, "_low": {"clip_l": e[0][None].contiguous()},
             "_high": {"clip_l": e[1][None].contiguous()}}
+
+
+def placeholder_positions(clip, prompt: str, word: str) -> list[int]:
+    """Indices (in the encoded sequence) where the placeholder's id stands: where its vector goes."""
+    token = placeholder_id(clip, word)
+    positions, offset = [], 0
+    for section in clip.tokenize(prompt)["l"]:
+        positions += [offset + i for i, pair in enumerate(section) if isinstance(pair[0], int) and pair[0] == token]
+        offset += len(section)
+    if not positions:
+        raise PlaceholderError(f"the prompt {prompt!r} does not contain the placeholder {word!r}")
+    return positions

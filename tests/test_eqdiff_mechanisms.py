@@ -289,3 +289,19 @@ def test_kv_parameter_names_cover_every_cross_attention(kit):
     names = kv_parameter_names(kit.model.model)
     assert len(names) == 2 * 7  # the tiny UNet: 2 encoder + 1 middle + 4 decoder transformers
     assert all(".attn2.to_k." in n or ".attn2.to_v." in n for n in names)
+
+
+def test_a_zero_initialised_head_receives_a_gradient():
+    """The mask head starts at m~ = 0, on clamp's lower bound: its gradient must pass there, or RRA never trains
+    (this torch's clamp gives 0 at the bound)."""
+    x = torch.tensor([-0.5, 0.0, 0.5, 1.0, 1.5], requires_grad=True)
+    y = eqdiff_rra.clamp_unit(x)
+    assert torch.equal(y, x.detach().clamp(0, 1))
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    module = eqdiff_rra.ResidualReferenceAttention(4)
+    h, ra, sa = torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    out, _ = module.fuse(h, ra, sa)
+    assert torch.equal(out, h)
+    out.pow(2).sum().backward()
+    assert module.fusion.weight.grad[4].abs().sum() > 0  # the mask row learns first; r follows once m > 0
