@@ -350,6 +350,9 @@ def eq(c):
 
         folder = Path(tempfile.mkdtemp(prefix="eqdiff_matrix_"))
         folder_paths.add_model_folder_path("eqdiff", str(folder), is_default=True)
+        for kind in ("embeddings", "loras"):  # where the Train Subject default call writes (not ComfyUI's own)
+            (folder / kind).mkdir()
+            folder_paths.add_model_folder_path(kind, str(folder / kind), is_default=True)
         good = build_eqdiff_weights(folder / "good.safetensors", c.plain_model)
         _EQ.update(dir=folder, good=good, weights=load_eqdiff_weights(good))
     return _EQ
@@ -385,6 +388,16 @@ def eq_other_base(c):
 
 
 EQ_APPLY, EQ_LOADER, EQ_REPORT = "SC_EqDiffApply", "SC_EqDiffLoader", "SC_EqDiffReferenceReport"
+EQ_TRAIN = "SC_EqDiffTrainSubject"
+_TRAIN_RUNS = iter(range(10 ** 6))
+
+
+def eq_train_defaults(c):
+    """A real one-step training at 64 px with one class image of one sampling step (about half a minute)."""
+    eq(c)
+    return dict(ckpt_name="tiny_sd15.safetensors", images=img(batch=2, height=64, width=64), class_word="cat",
+                name=f"matrix_{next(_TRAIN_RUNS)}", steps=1, learning_rate=1e-4, resolution=64, num_class_images=1,
+                seed=0, masks=box_mask(batch=2, height=64, width=64), class_image_steps=1)
 _RRA_KEY = "rra.output3_0.fusion.weight"
 
 DEFAULTS.update({
@@ -392,6 +405,7 @@ DEFAULTS.update({
                              strength=1.0, start_percent=0.0, end_percent=1.0, reference_mode="clean", seed=0,
                              reference_size=64),
     EQ_LOADER: lambda c: dict(weights_name=eq(c)["good"].name),
+    EQ_TRAIN: eq_train_defaults,
     EQ_REPORT: lambda c: dict(model=eq_applied(c, record=True), samples={"samples": torch.zeros(1, 4, 8, 8)},
                               width=32, height=32),
 })
@@ -438,6 +452,21 @@ EQDIFF_ROWS: list[Row] = [
         args=lambda c: {"weights_name": eq_file(c, "e_layers.safetensors", layers="3")}),
     Row(EQ_LOADER, 0, "not_in_folder", "absent_eq.safetensors", executor=True,
         args=lambda c: {"weights_name": "absent_eq.safetensors"}),
+
+    # -- EqDiff Train Subject (every row fails before training starts) ------------------------------------------
+    *image_rows(EQ_TRAIN, "images"),
+    *mask_rows(EQ_TRAIN, "masks", images="images", of="image"),
+    *float_rows(EQ_TRAIN, "learning_rate"),
+    Row(EQ_TRAIN, 4, "masks_of_another_size", "masks are 32x32 but the images 64x64",
+        args=lambda c: {"masks": box_mask(batch=2)}),
+    Row(EQ_TRAIN, 6, "empty_mask", "mask 1 is empty", args=lambda c: {"masks": torch.cat([
+        box_mask(batch=1, height=64, width=64), torch.zeros(1, 64, 64)])}),
+    Row(EQ_TRAIN, 0, "no_class_word", "class_word is ' '; expected one word", args=lambda c: {"class_word": " "}),
+    Row(EQ_TRAIN, 0, "bad_name", "name 'a/b' must be letters", args=lambda c: {"name": "a/b"}),
+    Row(EQ_TRAIN, 0, "placeholder_not_one_token", "tokens in CLIP's tokenizer",
+        args=lambda c: {"placeholder": "qwertyzxcv"}),
+    Row(EQ_TRAIN, 0, "empty_placeholder", "the placeholder '' is 0 tokens",
+        args=lambda c: {"placeholder": ""}),
 
     # -- EqDiff Reference Report --------------------------------------------------------------------------------
     Row(EQ_REPORT, 1, "nan_samples", "samples holds 1 non-finite value (1 NaN)", executor=True,
