@@ -75,15 +75,28 @@ class ResidualReferenceAttention(torch.nn.Module):
             module.to_v_res.weight.copy_(attn1.to_v.weight.float())
         return module
 
+    def _weights(self, like: torch.Tensor):
+        """(W_k_res, W_v_res, H_r weight, H_r bias) on ``like``'s device and dtype. Frozen weights (sampling) are
+        cast once per device/dtype and kept: a copy to the GPU per layer and step would cost more than the layer;
+        weights that train are used as they are, so gradients reach them."""
+        params = (self.to_k_res.weight, self.to_v_res.weight, self.fusion.weight, self.fusion.bias)
+        key = (like.device, like.dtype)
+        if any(p.requires_grad for p in params) or (params[0].device, params[0].dtype) == key:
+            return [p.to(*key) for p in params]
+        cached = self.__dict__.get("_cast")
+        if cached is None or cached[0] != key:
+            cached = (key, [p.detach().to(*key) for p in params])
+            self.__dict__["_cast"] = cached
+        return cached[1]
+
     def reference_kv(self, features: torch.Tensor, like: torch.Tensor):
-        w_k, w_v = (m.weight.to(like.device, like.dtype) for m in (self.to_k_res, self.to_v_res))
+        w_k, w_v = self._weights(like)[:2]
         features = features.to(like.device, like.dtype)
         return torch.nn.functional.linear(features, w_k), torch.nn.functional.linear(features, w_v)
 
     def fuse(self, h: torch.Tensor, ra: torch.Tensor, sa: torch.Tensor, strength: float = 1.0):
         """Eq. 8 (H_r, split, clamp) and Eq. 9; returns (output, m) with m [B, L, 1] after the strength."""
-        weight = self.fusion.weight.to(h.device, h.dtype)
-        bias = self.fusion.bias.to(h.device, h.dtype)
+        weight, bias = self._weights(h)[2:]
         out = torch.nn.functional.linear(torch.cat([ra, sa], dim=-1), weight, bias)
         r, m = out[..., :self.channels], clamp_unit(out[..., self.channels:])
         if strength != 1.0:
