@@ -78,6 +78,5 @@ class CrossAttentionKV:
 
 def cross_attention_replacements(model) -> dict:
     """{slot key: CrossAttentionKV} for every transformer layer, to put under patches_replace["attn2"]."""
-    current = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {}) \
-        if hasattr(model, "model_options") else {}
+    current = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     return {slot.key: CrossAttentionKV(slot, current.get(slot.key)) for slot in transformer_slots(model)}

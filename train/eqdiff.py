@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 from image_ops.frequency import paper_split
-from model_patches.custom_diffusion import (CrossAttentionKV, TokenMapRecorder, diff_key, kv_parameter_names)
+from model_patches.custom_diffusion import (TokenMapRecorder, cross_attention_replacements, diff_key,
+                                            kv_parameter_names)
 from model_patches.eqdiff import REFERENCE_TIME_GAP
 from model_patches.eqdiff_mask import dilate, latent_mask, masked_loss, mgdp_input
 from model_patches.eqdiff_rra import (RRAModules, ReferenceRecorder, install_rra, reference_input, rra_slots)
@@ -146,7 +147,7 @@ class EqDiffMethod(TrainingMethod):
         # the hooks the node installs, plus the training-only K/V cross-attention
         patcher = ctx.base.patcher.clone()
         install_rra(patcher, self.slots)
-        for key, replacement in _cross_attention(patcher).items():
+        for key, replacement in cross_attention_replacements(patcher).items():
             patcher.set_model_attn2_replace(replacement, *key)
         self.transformer_options = patcher.model_options["transformer_options"]
         self.latents = LatentCache(ctx.base.vae, ctx.base.model)
@@ -254,13 +255,6 @@ class EqDiffMethod(TrainingMethod):
     # ---- export ---------------------------------------------------------------------------------------------
     def export(self, path, ctx: TrainContext):
         return export_files(self, Path(path), ctx)
-
-
-def _cross_attention(patcher) -> dict:
-    from model_patches.unet_layout import transformer_slots
-
-    current = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    return {slot.key: CrossAttentionKV(slot, current.get(slot.key)) for slot in transformer_slots(patcher)}
 
 
 def export_paths(path: Path) -> dict[str, Path]:
