@@ -3,6 +3,10 @@ from . import anylogo, encoders, frequency, points, similarity
 
 _MODULES = (frequency, points, encoders, anylogo, similarity)
 
+from . import eqdiff, eqdiff_train  # noqa: E402  (issue 13)
+
+_MODULES += (eqdiff, eqdiff_train)
+
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 for _module in _MODULES:

@@ -330,6 +330,154 @@ ROWS: list[Row] = [
 ]
 
 
+# ---- EqDiff (issue 13) --------------------------------------------------------------------------------------------
+# Its own block so other methods' rows merge beside it. The EqDiff files are made once, lazily, from the matrix's
+# plain tiny SD1.5 model, in a models/eqdiff folder of their own.
+
+_EQ: dict = {}
+
+
+def eq(c):
+    """{"dir", "good", "weights", "model"}: a good random EqDiff file for the tiny SD1.5 and its loaded form."""
+    if not _EQ:
+        import tempfile
+        from pathlib import Path
+
+        import folder_paths
+
+        from model_patches.eqdiff import load_eqdiff_weights
+        from standalone.tiny_eqdiff import build_eqdiff_weights
+
+        folder = Path(tempfile.mkdtemp(prefix="eqdiff_matrix_"))
+        folder_paths.add_model_folder_path("eqdiff", str(folder), is_default=True)
+        for kind in ("embeddings", "loras"):  # where the Train Subject default call writes (not ComfyUI's own)
+            (folder / kind).mkdir()
+            folder_paths.add_model_folder_path(kind, str(folder / kind), is_default=True)
+        good = build_eqdiff_weights(folder / "good.safetensors", c.plain_model)
+        _EQ.update(dir=folder, good=good, weights=load_eqdiff_weights(good))
+    return _EQ
+
+
+def eq_file(c, name, *, tensors=None, drop=(), **metadata):
+    import safetensors
+    import safetensors.torch
+
+    from model_patches.weight_files import save_weights
+
+    good = eq(c)["good"]
+    with safetensors.safe_open(str(good), framework="pt") as f:
+        meta = dict(f.metadata())
+    content = {k: v for k, v in safetensors.torch.load_file(str(good)).items() if k not in drop}
+    content.update(tensors or {})
+    save_weights(eq(c)["dir"] / name, content, {**meta, **metadata})
+    return name
+
+
+def eq_applied(c, **overrides):
+    node = c.nodes.NODE_CLASS_MAPPINGS[EQ_APPLY]()
+    return node.apply(**{**DEFAULTS[EQ_APPLY](c), **overrides})[0]
+
+
+def eq_other_base(c):
+    """The good file with one layer renamed: what a file trained on another UNet layout looks like."""
+    from model_patches.eqdiff import load_eqdiff_weights
+
+    weights = load_eqdiff_weights(eq(c)["good"])
+    weights.layers = [name.replace("output", "input") for name in weights.layers]
+    return weights
+
+
+EQ_APPLY, EQ_LOADER, EQ_REPORT = "SC_EqDiffApply", "SC_EqDiffLoader", "SC_EqDiffReferenceReport"
+EQ_TRAIN = "SC_EqDiffTrainSubject"
+_TRAIN_RUNS = iter(range(10 ** 6))
+
+
+def eq_train_defaults(c):
+    """A real one-step training at 64 px with one class image of one sampling step (about half a minute)."""
+    eq(c)
+    return dict(ckpt_name="tiny_sd15.safetensors", images=img(batch=2, height=64, width=64), class_word="cat",
+                name=f"matrix_{next(_TRAIN_RUNS)}", steps=1, learning_rate=1e-4, resolution=64, num_class_images=1,
+                seed=0, masks=box_mask(batch=2, height=64, width=64), class_image_steps=1)
+_RRA_KEY = "rra.output3_0.fusion.weight"
+
+DEFAULTS.update({
+    EQ_APPLY: lambda c: dict(model=c.plain_model, vae=c.kit.vae, eqdiff=eq(c)["weights"], reference=img(),
+                             strength=1.0, start_percent=0.0, end_percent=1.0, reference_mode="clean", seed=0,
+                             reference_size=64),
+    EQ_LOADER: lambda c: dict(weights_name=eq(c)["good"].name),
+    EQ_TRAIN: eq_train_defaults,
+    EQ_REPORT: lambda c: dict(model=eq_applied(c, record=True), samples={"samples": torch.zeros(1, 4, 8, 8)},
+                              width=32, height=32),
+})
+
+EQDIFF_ROWS: list[Row] = [
+    # -- EqDiff Apply -------------------------------------------------------------------------------------------
+    *image_rows(EQ_APPLY, "reference"),
+    *mask_rows(EQ_APPLY, "reference_mask", images="reference", of="reference image"),
+    *float_rows(EQ_APPLY, "strength", "start_percent", "end_percent"),
+    Row(EQ_APPLY, 0, "start_after_end", "must not be after", args=lambda c: {"start_percent": 0.8,
+                                                                            "end_percent": 0.2}),
+    Row(EQ_APPLY, 6, "empty_reference_mask", "reference_mask is empty inside the centre crop",
+        args=lambda c: {"reference_mask": torch.zeros(1, 32, 32)}),
+    Row(EQ_APPLY, 0, "inpainting_model", "4 input channels", args=lambda c: {"model": c.kit.model}),
+    Row(EQ_APPLY, 0, "weights_for_another_base", "the weights are for another base model",
+        args=lambda c: {"eqdiff": eq_other_base(c)}),
+    Row(EQ_APPLY, 3, "applied_twice", "already has EqDiff applied", args=lambda c: {"model": eq_applied(c)}),
+    Row(EQ_APPLY, 3, "after_anylogo", "apply EqDiff before AnyLogo",
+        args=lambda c: {"model": c.kit.apply(model=c.plain_model)}),
+    Row(EQ_APPLY, 0, "reference_size_not_multiple", "expected a multiple of 64",
+        args=lambda c: {"reference_size": 100}),
+    Row(EQ_APPLY, 6, "mechanism_strength_nan", "the EqDiff strength is nan",
+        run=lambda c: __import__("model_patches.eqdiff", fromlist=["x"]).EqDiffSettings(strength=NAN)),
+    Row(EQ_APPLY, 1, "mechanism_nan_reference_latent", "the reference latent holds 1 non-finite value",
+        run=lambda c: __import__("model_patches.eqdiff", fromlist=["x"]).build_patch(
+            c.plain_model.clone(), eq(c)["weights"], poisoned(torch.zeros(1, 4, 8, 8), (0, 1, 2, 3)),
+            __import__("model_patches.eqdiff", fromlist=["x"]).EqDiffSettings())),
+
+    # -- EqDiff Loader ------------------------------------------------------------------------------------------
+    Row(EQ_LOADER, 0, "another_method", "expected 'eqdiff' weights",
+        args=lambda c: {"weights_name": eq_file(c, "e_any.safetensors", method="anylogo")}),
+    Row(EQ_LOADER, 0, "newer_format", "format version 9",
+        args=lambda c: {"weights_name": eq_file(c, "e_v9.safetensors", format_version="9")}),
+    Row(EQ_LOADER, 0, "another_architecture", "this pack's EqDiff supports",
+        args=lambda c: {"weights_name": eq_file(c, "e_sdxl.safetensors", base_architecture="sdxl")}),
+    Row(EQ_LOADER, 5, "nan_tensor", f"tensor '{_RRA_KEY}'", executor=True,
+        args=lambda c: {"weights_name": eq_file(c, "e_nan.safetensors", tensors={
+            _RRA_KEY: poisoned(eq(c)["weights"].tensors()[_RRA_KEY].clone(), (0, 0))})}),
+    Row(EQ_LOADER, 5, "missing_tensor", "lacks tensor 'rra.output3_0.to_k_res.weight'",
+        args=lambda c: {"weights_name": eq_file(c, "e_missing.safetensors", drop=("rra.output3_0.to_k_res.weight",))}),
+    Row(EQ_LOADER, 5, "fusion_shape", "has shape [5]; expected [321, 640], the fusion head H_r",
+        args=lambda c: {"weights_name": eq_file(c, "e_shape.safetensors", tensors={_RRA_KEY: torch.zeros(5)})}),
+    Row(EQ_LOADER, 5, "layers_not_a_list", "metadata layers is '3'",
+        args=lambda c: {"weights_name": eq_file(c, "e_layers.safetensors", layers="3")}),
+    Row(EQ_LOADER, 0, "not_in_folder", "absent_eq.safetensors", executor=True,
+        args=lambda c: {"weights_name": "absent_eq.safetensors"}),
+
+    # -- EqDiff Train Subject (every row fails before training starts) ------------------------------------------
+    *image_rows(EQ_TRAIN, "images"),
+    *mask_rows(EQ_TRAIN, "masks", images="images", of="image"),
+    *float_rows(EQ_TRAIN, "learning_rate"),
+    Row(EQ_TRAIN, 4, "masks_of_another_size", "masks are 32x32 but the images 64x64",
+        args=lambda c: {"masks": box_mask(batch=2)}),
+    Row(EQ_TRAIN, 6, "empty_mask", "mask 1 is empty", args=lambda c: {"masks": torch.cat([
+        box_mask(batch=1, height=64, width=64), torch.zeros(1, 64, 64)])}),
+    Row(EQ_TRAIN, 0, "no_class_word", "class_word is ' '; expected one word", args=lambda c: {"class_word": " "}),
+    Row(EQ_TRAIN, 0, "bad_name", "name 'a/b' must be letters", args=lambda c: {"name": "a/b"}),
+    Row(EQ_TRAIN, 0, "placeholder_not_one_token", "tokens in CLIP's tokenizer",
+        args=lambda c: {"placeholder": "qwertyzxcv"}),
+    Row(EQ_TRAIN, 0, "empty_placeholder", "the placeholder '' is 0 tokens",
+        args=lambda c: {"placeholder": ""}),
+
+    # -- EqDiff Reference Report --------------------------------------------------------------------------------
+    Row(EQ_REPORT, 1, "nan_samples", "samples holds 1 non-finite value (1 NaN)", executor=True,
+        args=lambda c: {"samples": {"samples": poisoned(torch.zeros(1, 4, 8, 8), (0, 1, 2, 3))}}),
+    Row(EQ_REPORT, 2, "empty_samples", "samples holds an empty latent batch",
+        args=lambda c: {"samples": {"samples": torch.zeros(0, 4, 8, 8)}}),
+    Row(EQ_REPORT, 0, "model_without_recording", "no EqDiff recording", args=lambda c: {"model": c.plain_model}),
+]
+ROWS += EQDIFF_ROWS
+
+
 # ---- running a row ------------------------------------------------------------------------------------------------
 
 class AnyType(str):
