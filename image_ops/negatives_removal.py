@@ -5,7 +5,9 @@ with any content as long as it is not similar to the target subject". The defaul
 (Telea's fast marching method), which fills from the surrounding background, needs no model and is
 deterministic; a user who wants a diffusion inpainting passes its result instead (any stock inpainting graph).
 The mask is dilated first by a few pixels: the point mask is patch-sized and rough, and a rim of the look-alike
-left at its edge would be propagated inward by the fill.
+left at its edge would be propagated inward by the fill. The fill comes from the region's border: where the
+look-alike touches the subject, the subject's colours flow into the filled area (measured: a touching red twin
+came back 42 % red); an inpainting model, passed as the inpainted image, does better there.
 """
 from __future__ import annotations
 
