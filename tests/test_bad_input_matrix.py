@@ -332,14 +332,13 @@ ROWS: list[Row] = [
 
 # ---- P3S (issue 14): its own block, so other methods' rows merge beside it ------------------------------------
 
-P3S_APPLY, P3S_LOADER = "SC_P3SApply", "SC_P3SLoader"
+P3S_APPLY, P3S_LOADER, P3S_TRAIN = "SC_P3SApply", "SC_P3SLoader", "SC_P3STrainSubject"
 _P3S: dict = {}
 
 
 def p3s_good(c):
     """(folder, good file, loaded weights) of a random-weight P3S file for the tiny SD1.5, built once."""
     if not _P3S:
-        import tempfile
         from pathlib import Path
 
         import folder_paths
@@ -348,10 +347,12 @@ def p3s_good(c):
         from model_patches.p3s_rngr import RNGREncoder
         from model_patches.p3s_weights import ARCHITECTURES, export_tensors, load_p3s_weights, save_p3s_weights
 
-        folder = Path(tempfile.mkdtemp(prefix="p3s_weights_"))
+        folder = Path(c.weights_dir).parent / "p3s_weights"  # beside the test's anylogo folder (pytest's tmp)
+        folder.mkdir(exist_ok=True)
         folder_paths.add_model_folder_path("p3s", str(folder), is_default=True)
         copy = InjectionCopy(c.plain_model)
-        tensors = export_tensors(copy, RNGREncoder(clip_width=64), torch.randn(1, 4, 8, 8), torch.randn(1, 257, 64))
+        tensors = export_tensors(copy, RNGREncoder(clip_width=64), torch.randn(1, 4, 8, 8), torch.randn(1, 257, 64),
+                                 dtype=torch.float16)
         save_p3s_weights(folder / "good.safetensors", tensors, {
             "base_architecture": ARCHITECTURES[4], "copy_layout": layout_signature(c.plain_model), "lambda": 0.2,
             "resolution": 64, "clip_size": 224})
@@ -382,6 +383,13 @@ def p3s_loaded(c, name, **changes):
     return load_p3s_weights(p3s_good(c)["folder"] / p3s_file(c, name, **changes))
 
 
+def p3s_train_defaults(c):
+    p3s_good(c)  # registers the test's folder first in models/p3s: the trained file goes there
+    return dict(ckpt_name="tiny_sd15.safetensors", clip_vision_name="random_clip_vit_l.safetensors", image=img(),
+                positive_points="8,8", negative_points="24,24", class_word="toy", identifier="sks",
+                name="matrix_subject", epochs=1, learning_rate=1e-3, resolution=64, seed=0)
+
+
 def p3s_twice(c):
     node = c.nodes.NODE_CLASS_MAPPINGS[P3S_APPLY]()
     once = node.apply(**DEFAULTS[P3S_APPLY](c))[0]
@@ -399,6 +407,7 @@ DEFAULTS.update({
                               alpha=0.5, beta=0.2, k=2.0, start_percent=0.0, end_percent=1.0, reference=img(),
                               vae=c.kit.vae, clip_vision=c.clip),
     P3S_LOADER: lambda c: dict(weights_name=p3s_good(c)["file"].name),
+    P3S_TRAIN: lambda c: p3s_train_defaults(c),
 })
 
 ROWS += [
@@ -456,6 +465,20 @@ ROWS += [
                                                  tensors={"reference.clip_states": torch.zeros(1, 257, 32)})}),
     Row(P3S_LOADER, 0, "not_in_folder", "absent_p3s.safetensors",
         args=lambda c: {"weights_name": "absent_p3s.safetensors"}, executor=True),
+
+    # -- P3S Train Subject ----------------------------------------------------------------------------------------
+    *image_rows(P3S_TRAIN, "image"),
+    *image_rows(P3S_TRAIN, "inpainted"),
+    *mask_rows(P3S_TRAIN, "negatives_mask", images="image", of="image"),
+    *float_rows(P3S_TRAIN, "learning_rate"),
+    Row(P3S_TRAIN, 6, "negatives_mask_wrong_size", "negatives_mask is 16x16 pixels but the image is 32x32",
+        args=lambda c: {"negatives_mask": torch.ones(1, 16, 16)}),
+    Row(P3S_TRAIN, 0, "point_outside", "is outside image 1", args=lambda c: {"positive_points": "40,3"}),
+    Row(P3S_TRAIN, 0, "no_positive_point", "no positive point", args=lambda c: {"positive_points": ""}),
+    Row(P3S_TRAIN, 0, "empty_class_word", "class_word is empty", args=lambda c: {"class_word": " "}),
+    Row(P3S_TRAIN, 0, "name_with_folder", "must be a plain file name", args=lambda c: {"name": "../x"}),
+    Row(P3S_TRAIN, 0, "dinov2_file", "needs CLIP ViT vision",
+        args=lambda c: {"clip_vision_name": "random_dinov2_large.safetensors"}),
 ]
 
 

@@ -27,7 +27,7 @@ class P3SKit:
             for proj in (*copy.self_proj, *copy.cross_proj):
                 proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * 0.05)
         tensors = export_tensors(copy, RNGREncoder(clip_width=64), torch.randn(1, 4, 8, 8, generator=gen),
-                                 torch.randn(1, 257, 64, generator=gen))
+                                 torch.randn(1, 257, 64, generator=gen), dtype=torch.float16)
         save_p3s_weights(folder / "subject.safetensors", tensors, {
             "base_architecture": ARCHITECTURES[4], "copy_layout": layout_signature(self.model), "lambda": 0.2,
             "resolution": 64, "clip_size": 224, "prompt": "a photo of sks toy"})
