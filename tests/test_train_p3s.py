@@ -171,3 +171,11 @@ def test_two_rows_or_a_point_outside_are_refused(tmp_path, model_dirs, p3s_files
     cfg = write_config(tmp_path / "cfg.yaml", model_dirs, p3s_files, manifest=str(tmp_path / "two.jsonl"))
     assert main(["--config", str(cfg), "--output_dir", str(tmp_path / "out")]) == 2
     assert "expected 1" in capsys.readouterr().err
+
+
+def test_the_shipped_example_config_parses_with_the_paper_settings():
+    path = Path(__file__).resolve().parents[1] / "train" / "configs" / "p3s_sd15.yaml"
+    config, _ = parse_command_line(P3SConfig, ["--config", str(path)])
+    assert config.method == "p3s" and config.epochs == 60 and config.learning_rate == 1e-5
+    assert config.condition_dropout == 0.1 and config.consistency_weight == 0.1 and config.lam == 0.2
+    assert config.prompt == "a photo of sks dog"
