@@ -184,16 +184,23 @@ class P3SPatch:
             self._cache = ((device, dtype), latent)
         return latent
 
-    def row_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """strength · ε_t per row, 0 where the row's sigma lies outside [sigma_end, sigma_start]."""
+    def row_weights(self, timesteps: torch.Tensor, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        """strength · ε_t per row, 0 where the row's sigma lies outside [sigma_end, sigma_start].
+
+        ``sigmas`` are the sampler's own (``transformer_options["sigmas"]``), compared exactly with the bounds
+        the node converted from start/end percent; without them (the trainer) the timestep gives the sigma."""
         s = self.settings
         eps = timestep_weight(timestep_fraction(self.model_sampling, timesteps), s.curve, s.alpha, s.beta, s.k)
-        sigma = self.model_sampling.sigma(timesteps.float()).to(eps.device)
+        if sigmas is not None and sigmas.numel() in (1, eps.numel()):
+            sigma = sigmas.flatten().to(eps.device).float().expand(eps.numel())
+        else:
+            sigma = self.model_sampling.sigma(timesteps.float()).to(eps.device)
         active = (sigma >= s.sigma_end) & (sigma <= s.sigma_start)
         return torch.where(active, eps * s.strength, torch.zeros_like(eps))
 
     def diffusion_model_wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        weight = self.row_weights(timesteps) if self.settings.strength > 0 else None
+        weight = (self.row_weights(timesteps, transformer_options.get("sigmas")) if self.settings.strength > 0
+                  else None)
         if weight is None or not bool((weight > 0).any()):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         copy_dtype = self.copy.conv_in.weight.dtype

@@ -23,6 +23,12 @@ def photo():
     return image
 
 
+def work_folders():
+    import folder_paths
+
+    return set(Path(folder_paths.get_temp_directory()).glob("p3s_train_*"))
+
+
 def run(comfy, **overrides):
     args = dict(ckpt_name="tiny_sd15.safetensors", clip_vision_name="random_clip_vit_l.safetensors", image=photo(),
                 positive_points="16,24", negative_points="48,24", class_word="toy", identifier="sks",
@@ -34,8 +40,7 @@ def run(comfy, **overrides):
 
 
 def test_trains_inside_comfyui_and_writes_a_loadable_file(comfy, p3s_folder, capsys):
-    import folder_paths
-
+    before = work_folders()
     out = run(comfy)
     name, prompt = out["result"]
     assert name == "trained_subject.safetensors" and prompt == "a photo of sks toy"
@@ -44,15 +49,14 @@ def test_trains_inside_comfyui_and_writes_a_loadable_file(comfy, p3s_folder, cap
     assert json.loads(weights.metadata["negative_points"]) == [[48.0, 24.0]]
     assert weights.metadata["negatives_removal"] == "opencv-telea"
     assert "P3S Train Subject: step 2/2 loss" in capsys.readouterr().err
-    assert not list(Path(folder_paths.get_temp_directory()).glob("p3s_train_*"))  # the work folder is gone
+    assert not work_folders() - before  # the run's work folder is gone (others may come and go)
 
 
 def test_cancel_stops_before_the_next_step_and_writes_nothing(comfy, p3s_folder):
     import comfy.model_management as model_management  # "as": the fixture is called comfy too
     import comfy.utils as comfy_utils
-    import folder_paths
 
-    seen = []
+    before, seen = work_folders(), []
 
     def hook(value, total, preview, node_id=None):  # what the server's hook does on Cancel
         seen.append(value)
@@ -69,4 +73,4 @@ def test_cancel_stops_before_the_next_step_and_writes_nothing(comfy, p3s_folder)
     assert seen[-1] == 1  # stopped at the start of the second step
     assert not (p3s_folder / "cancelled.safetensors").exists()
     assert not list(p3s_folder.glob(".cancelled*"))
-    assert not list(Path(folder_paths.get_temp_directory()).glob("p3s_train_*"))
+    assert not work_folders() - before

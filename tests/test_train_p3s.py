@@ -179,3 +179,12 @@ def test_the_shipped_example_config_parses_with_the_paper_settings():
     assert config.method == "p3s" and config.epochs == 60 and config.learning_rate == 1e-5
     assert config.condition_dropout == 0.1 and config.consistency_weight == 0.1 and config.lam == 0.2
     assert config.prompt == "a photo of sks dog"
+
+
+def test_a_point_outside_the_photo_is_refused_with_the_manifest_line(tmp_path, model_dirs, p3s_files, capsys):
+    row = {"image": str(p3s_files["folder"] / "twins.png"), "positive_points": "400,10"}
+    (tmp_path / "outside.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = write_config(tmp_path / "cfg.yaml", model_dirs, p3s_files, manifest=str(tmp_path / "outside.jsonl"))
+    assert main(["--config", str(cfg), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest line 1:" in err and "positive point 1 (x=400, y=10) is outside image 1" in err

@@ -155,7 +155,7 @@ def negatives_mask_from_points(clip_vision, pixels: torch.Tensor, positive_text:
 
     height, width = pixels.shape[-2:]
     positives, negatives = batch_points(positive_text or "", negative_text or "", 1, width, height, PIXELS)[0]
-    if not negatives:
+    if not negatives or not positives:  # the helper needs a positive point; no look-alike marked: nothing to do
         return None, (positives, negatives)
     tokens, grid = patch_tokens(clip_vision, pixels[None], -1, encoder_size)
     mask = points_to_mask(tokens[0], grid, height, width, negatives, positives, blur_sigma=blur_sigma,
@@ -199,15 +199,24 @@ class P3SMethod(TrainingMethod):
         if len(rows) != 1:
             raise ConfigError(f"P3S trains one subject from one photo: the manifest has {len(rows)} rows, "
                               "expected 1")
+        try:
+            return self._prepare_reference(rows, ctx)
+        except (vf.VisionModelError, ValueError) as e:  # points outside the photo, a mask of another size, …
+            if isinstance(e, (ConfigError, BaseModelError)):
+                raise
+            raise ConfigError(f"manifest line {rows[0].get('_line', 1)}: {e}") from None
+
+    def _prepare_reference(self, rows, ctx: TrainContext):
+        cfg = self.config
         row = rows[0]
         pixels = load_pixels(row["image"])
-        mask, (positives, negatives) = None, ((), ())
+        # the points are checked against the photo (and recorded) even when a ready mask replaces them
+        mask, (positives, negatives) = negatives_mask_from_points(
+            self.clip_vision, pixels, row.get("positive_points", ""),
+            "" if row.get("negatives_mask") else row.get("negative_points", ""),
+            encoder_size=cfg.encoder_size, blur_sigma=cfg.blur_sigma, dilation_px=cfg.mask_dilation_px)
         if row.get("negatives_mask"):
             mask = load_mask(row["negatives_mask"])
-        elif row.get("negative_points"):
-            mask, (positives, negatives) = negatives_mask_from_points(
-                self.clip_vision, pixels, row.get("positive_points", ""), row["negative_points"],
-                encoder_size=cfg.encoder_size, blur_sigma=cfg.blur_sigma, dilation_px=cfg.mask_dilation_px)
         inpainted = load_pixels(row["inpainted"]) if row.get("inpainted") else None
         self.reference_pixels = square_resize(removed_negatives(pixels, mask, inpainted), cfg.resolution)
         self.reference_latent, self.clip_states = encode_reference(self.reference_pixels, ctx.base.vae,
