@@ -25,6 +25,7 @@ the copy runs inside the wrapper with gradients and what is trained is what is s
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -210,11 +211,34 @@ class P3SPatch:
         if reference.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"P3S: {reference.shape[0]} reference latents for {x.shape[0]} rows")
         record = transformer_options.get(RECORD_KEY)
+        taken_over = self._taken_over(transformer_options)
         selfs, crosses = self.copy(x[:, :4].to(copy_dtype) + reference, timesteps, context,
                                    record_maps=record.copy_maps if record is not None else None)
+        for key in taken_over:
+            selfs.pop(key, None)
         options = {**transformer_options, STATUS_KEY: Injection(selfs, crosses, weight.to(x.device),
                                                                 self.settings.lam, self.settings.cross_attention)}
         return executor(x, timesteps, context, y, control, options, **kwargs)
+
+    _warned: set = set()
+
+    def _taken_over(self, transformer_options) -> list:
+        """Slot keys whose self-attention another node replaced (core SAG records square maps there, PAG returns
+        V as the output): widened K/V would crash them, so those layers get no copy features in this evaluation.
+        AnyLogo's recycling replacement accepts extra keys and is left alone."""
+        replace = transformer_options.get("patches_replace", {}).get("attn1", {})
+        taken = []
+        for slot in self.copy.slots:
+            other = replace.get(slot.key) or replace.get(slot.key[:2])
+            if other is not None and type(other).__name__ != "RecyclingAttention":
+                taken.append(slot.key)
+                name = getattr(other, "__qualname__", type(other).__name__)
+                if (slot.key, name) not in P3SPatch._warned:
+                    P3SPatch._warned.add((slot.key, name))
+                    logging.warning("P3S: self-attention %s is replaced by %s (another node, e.g. SAG or PAG), "
+                                    "which assumes its own keys only; P3S injects nothing there while it is",
+                                    slot.name, name)
+        return taken
 
     @staticmethod
     def _features(extra_options, which: str):

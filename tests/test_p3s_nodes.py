@@ -129,3 +129,17 @@ def test_chains_with_anylogo_on_the_same_model(kit):
     for both in (first, second):
         assert not torch.equal(both, kit.injected) and not torch.equal(both, anylogo_only)
     torch.testing.assert_close(first, second)  # the same patches, installed in another order
+
+
+def test_sag_and_pag_layers_are_left_to_them(kit):
+    """Core SAG records square self-attention maps in the middle block and PAG returns V there: with widened K/V
+    both would crash. P3S leaves a layer another node replaced to it (a warning says so) and injects everywhere
+    else: sampling runs and differs from each alone."""
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+    from comfy_extras.nodes_sag import SelfAttentionGuidance
+
+    sag = lambda m: SelfAttentionGuidance.execute(m, 0.5, 2.0)[0]  # noqa: E731
+    pag = lambda m: PerturbedAttentionGuidance.execute(m, 3.0)[0]  # noqa: E731
+    for other in (sag, pag):
+        both = kit.sample(other(kit.applied))
+        assert not torch.equal(both, kit.injected) and not torch.equal(both, kit.sample(other(kit.model)))
