@@ -1,7 +1,9 @@
 """ComfyUI node classes of the pack. Each module exports its own mappings; this file only gathers them."""
 from . import anylogo, encoders, frequency, points, similarity
+from . import p3s, p3s_train
 
-_MODULES = (frequency, points, encoders, anylogo, similarity)
+_MODULES = (frequency, points, encoders, anylogo, similarity,
+            p3s, p3s_train)
 
 from . import eqdiff, eqdiff_train  # noqa: E402  (issue 13)
 

@@ -478,6 +478,158 @@ EQDIFF_ROWS: list[Row] = [
 ROWS += EQDIFF_ROWS
 
 
+# ---- P3S (issue 14): its own block, so other methods' rows merge beside it ------------------------------------
+
+P3S_APPLY, P3S_LOADER, P3S_TRAIN = "SC_P3SApply", "SC_P3SLoader", "SC_P3STrainSubject"
+_P3S: dict = {}
+
+
+def p3s_good(c):
+    """(folder, good file, loaded weights) of a random-weight P3S file for the tiny SD1.5, built once."""
+    if not _P3S:
+        from pathlib import Path
+
+        import folder_paths
+
+        from model_patches.p3s_copy import InjectionCopy, layout_signature
+        from model_patches.p3s_rngr import RNGREncoder
+        from model_patches.p3s_weights import ARCHITECTURES, export_tensors, load_p3s_weights, save_p3s_weights
+
+        folder = Path(c.weights_dir).parent / "p3s_weights"  # beside the test's anylogo folder (pytest's tmp)
+        folder.mkdir(exist_ok=True)
+        folder_paths.add_model_folder_path("p3s", str(folder), is_default=True)
+        copy = InjectionCopy(c.plain_model)
+        tensors = export_tensors(copy, RNGREncoder(clip_width=64), torch.randn(1, 4, 8, 8), torch.randn(1, 257, 64),
+                                 dtype=torch.float16)
+        save_p3s_weights(folder / "good.safetensors", tensors, {
+            "base_architecture": ARCHITECTURES[4], "copy_layout": layout_signature(c.plain_model), "lambda": 0.2,
+            "resolution": 64, "clip_size": 224})
+        _P3S.update(folder=folder, file=folder / "good.safetensors",
+                    weights=load_p3s_weights(folder / "good.safetensors"))
+    return _P3S
+
+
+def p3s_file(c, name, *, tensors=None, drop=(), **metadata):
+    """A file beside the good P3S file with ``tensors`` replaced, ``drop`` removed and ``metadata`` changed."""
+    import safetensors
+    import safetensors.torch
+
+    from model_patches.weight_files import save_weights
+
+    good = p3s_good(c)
+    with safetensors.safe_open(str(good["file"]), framework="pt") as f:
+        meta = dict(f.metadata())
+    content = {k: v for k, v in safetensors.torch.load_file(str(good["file"])).items() if k not in drop}
+    content.update(tensors or {})
+    save_weights(good["folder"] / name, content, {**meta, **metadata})
+    return name
+
+
+def p3s_loaded(c, name, **changes):
+    from model_patches.p3s_weights import load_p3s_weights
+
+    return load_p3s_weights(p3s_good(c)["folder"] / p3s_file(c, name, **changes))
+
+
+def p3s_train_defaults(c):
+    p3s_good(c)  # registers the test's folder first in models/p3s: the trained file goes there
+    return dict(ckpt_name="tiny_sd15.safetensors", clip_vision_name="random_clip_vit_l.safetensors", image=img(),
+                positive_points="8,8", negative_points="24,24", class_word="toy", identifier="sks",
+                name="matrix_subject", epochs=1, learning_rate=1e-3, resolution=64, seed=0)
+
+
+def p3s_twice(c):
+    node = c.nodes.NODE_CLASS_MAPPINGS[P3S_APPLY]()
+    once = node.apply(**DEFAULTS[P3S_APPLY](c))[0]
+    node.apply(**{**DEFAULTS[P3S_APPLY](c), "model": once})
+
+
+def p3s_settings(**kwargs):
+    from model_patches.p3s import P3SSettings
+
+    P3SSettings(**kwargs)
+
+
+DEFAULTS.update({
+    P3S_APPLY: lambda c: dict(model=c.plain_model, p3s=p3s_good(c)["weights"], strength=1.0, weight_curve="paper",
+                              alpha=0.5, beta=0.2, k=2.0, start_percent=0.0, end_percent=1.0, reference=img(),
+                              vae=c.kit.vae, clip_vision=c.clip),
+    P3S_LOADER: lambda c: dict(weights_name=p3s_good(c)["file"].name),
+    P3S_TRAIN: lambda c: p3s_train_defaults(c),
+})
+
+ROWS += [
+    # -- P3S Apply ----------------------------------------------------------------------------------------------
+    *image_rows(P3S_APPLY, "reference"),
+    *image_rows(P3S_APPLY, "inpainted_reference"),
+    *mask_rows(P3S_APPLY, "negatives_mask", images="reference", of="reference image"),
+    *float_rows(P3S_APPLY, "strength", "alpha", "beta", "k", "start_percent", "end_percent"),
+    Row(P3S_APPLY, 6, "negatives_mask_wrong_size", "negatives_mask is 16x16 pixels but the reference is 32x32",
+        args=lambda c: {"negatives_mask": torch.ones(1, 16, 16)}),
+    Row(P3S_APPLY, 6, "empty_negatives_mask", "negatives_mask is empty (nothing above 0.5)",
+        args=lambda c: {"negatives_mask": torch.zeros(1, 32, 32)}),
+    Row(P3S_APPLY, 6, "inpainted_wrong_size", "inpainted_reference is 16x16 pixels but the reference is 32x32",
+        args=lambda c: {"inpainted_reference": img(height=16, width=16)}),
+    Row(P3S_APPLY, 0, "mask_without_reference", "negatives_mask is connected but reference is not",
+        args=lambda c: {"reference": None, "negatives_mask": box_mask()}),
+    Row(P3S_APPLY, 0, "reference_without_vae", "connect both", args=lambda c: {"vae": None}),
+    Row(P3S_APPLY, 0, "dinov2_as_clip_vision", "needs CLIP ViT vision", args=lambda c: {"clip_vision": c.dino}),
+    Row(P3S_APPLY, 0, "start_after_end", "must not be after", args=lambda c: {"start_percent": 0.8,
+                                                                               "end_percent": 0.2}),
+    Row(P3S_APPLY, 0, "unknown_curve", "weight_curve must be one of", args=lambda c: {"weight_curve": "cubic"}),
+    Row(P3S_APPLY, 0, "weights_for_another_architecture", "is for sd15 models, but this MODEL is sd15-inpainting",
+        args=lambda c: {"model": c.kit.model}),
+    Row(P3S_APPLY, 5, "copy_for_another_unet_layout", "holds a copy for a UNet with 3 transformer layers",
+        args=lambda c: {"p3s": p3s_loaded(c, "p3s_layout.safetensors", copy_layout="[[\"input\", 1, 0, 0, 320, 8], "
+                        "[\"middle\", 0, 0, 1, 640, 8], [\"output\", 3, 0, 0, 320, 8]]")}),
+    Row(P3S_APPLY, 5, "copy_tensor_of_another_shape", "does not fit this UNet's P3S copy: 0 tensors missing",
+        args=lambda c: {"p3s": p3s_loaded(c, "p3s_shape.safetensors",
+                                          tensors={"copy.self_proj.0.weight": torch.zeros(320, 64)})}),
+    Row(P3S_APPLY, 3, "applied_twice", "already has P3S applied", run=p3s_twice),
+    Row(P3S_APPLY, 6, "mechanism_strength_nan", "the P3S strength is nan", run=lambda c: p3s_settings(strength=NAN)),
+    Row(P3S_APPLY, 6, "mechanism_alpha_inf", "the P3S weight curve's alpha is inf",
+        run=lambda c: p3s_settings(alpha=INF)),
+
+    # -- P3S Loader ---------------------------------------------------------------------------------------------
+    Row(P3S_LOADER, 0, "another_method", "expected 'p3s' weights",
+        args=lambda c: {"weights_name": p3s_file(c, "p3s_any.safetensors", method="anylogo")}),
+    Row(P3S_LOADER, 0, "newer_format", "format version 9",
+        args=lambda c: {"weights_name": p3s_file(c, "p3s_v9.safetensors", format_version="9")}),
+    Row(P3S_LOADER, 0, "another_architecture", "this pack's P3S supports",
+        args=lambda c: {"weights_name": p3s_file(c, "p3s_sdxl.safetensors", base_architecture="sdxl")}),
+    Row(P3S_LOADER, 5, "nan_copy_tensor", "tensor 'copy.self_proj.0.weight' (320, 320) holds 1 non-finite value",
+        args=lambda c: {"weights_name": p3s_file(c, "p3s_nan.safetensors", tensors={
+            "copy.self_proj.0.weight": poisoned(torch.zeros(320, 320), (1, 2))})}),
+    Row(P3S_LOADER, 5, "missing_rngr", "lacks 1 required tensors, e.g. ['rngr.to_v.weight']",
+        args=lambda c: {"weights_name": p3s_file(c, "p3s_norngr.safetensors", drop=("rngr.to_v.weight",))}),
+    Row(P3S_LOADER, 5, "no_copy", "holds no injection copy",
+        args=lambda c: {"weights_name": p3s_file(c, "p3s_nocopy.safetensors", drop=tuple(
+            "copy." + k for k in p3s_good(c)["weights"].copy_state))}),
+    Row(P3S_LOADER, 5, "reference_shape", "reference tensors have shapes [4, 8, 8]",
+        args=lambda c: {"weights_name": p3s_file(c, "p3s_ref.safetensors",
+                                                 tensors={"reference.latent": torch.zeros(4, 8, 8)})}),
+    Row(P3S_LOADER, 5, "clip_states_width", "the stored CLIP states are 32-wide but the RNGR encoder reads 64",
+        args=lambda c: {"weights_name": p3s_file(c, "p3s_cs.safetensors",
+                                                 tensors={"reference.clip_states": torch.zeros(1, 257, 32)})}),
+    Row(P3S_LOADER, 0, "not_in_folder", "absent_p3s.safetensors",
+        args=lambda c: {"weights_name": "absent_p3s.safetensors"}, executor=True),
+
+    # -- P3S Train Subject ----------------------------------------------------------------------------------------
+    *image_rows(P3S_TRAIN, "image"),
+    *image_rows(P3S_TRAIN, "inpainted"),
+    *mask_rows(P3S_TRAIN, "negatives_mask", images="image", of="image"),
+    *float_rows(P3S_TRAIN, "learning_rate"),
+    Row(P3S_TRAIN, 6, "negatives_mask_wrong_size", "negatives_mask is 16x16 pixels but the image is 32x32",
+        args=lambda c: {"negatives_mask": torch.ones(1, 16, 16)}),
+    Row(P3S_TRAIN, 0, "point_outside", "is outside image 1", args=lambda c: {"positive_points": "40,3"}),
+    Row(P3S_TRAIN, 0, "no_positive_point", "no positive point", args=lambda c: {"positive_points": ""}),
+    Row(P3S_TRAIN, 0, "empty_class_word", "class_word is empty", args=lambda c: {"class_word": " "}),
+    Row(P3S_TRAIN, 0, "name_with_folder", "must be a plain file name", args=lambda c: {"name": "../x"}),
+    Row(P3S_TRAIN, 0, "dinov2_file", "needs CLIP ViT vision",
+        args=lambda c: {"clip_vision_name": "random_dinov2_large.safetensors"}),
+]
+
+
 # ---- running a row ------------------------------------------------------------------------------------------------
 
 class AnyType(str):
