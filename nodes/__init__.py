@@ -1,7 +1,8 @@
 """ComfyUI node classes of the pack. Each module exports its own mappings; this file only gathers them."""
 from . import anylogo, encoders, frequency, points, similarity
+from . import customcontrast
 
-_MODULES = (frequency, points, encoders, anylogo, similarity)
+_MODULES = (frequency, points, encoders, anylogo, similarity, customcontrast)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

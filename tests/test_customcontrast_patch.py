@@ -9,6 +9,7 @@ from model_patches.customcontrast import (COND, CallState, CustomContrastPatch, 
 from model_patches.customcontrast_encoder import EncoderConfig, MFIEncoder
 from model_patches.customcontrast_text import PlaceholderError, PlaceholderPrompt
 from model_patches.unet_layout import transformer_slots
+from standalone.tiny_models import shallow_text_encoder
 
 WORDS = ["cat", "dog", "car", "tree", "house", "bird", "boat", "cup", "lamp", "shoe", "road", "sun", "fish", "hat",
          "bed", "door"]
@@ -18,7 +19,7 @@ PROMPT = "a photo of sks on a table"
 @pytest.fixture(scope="module")
 def sd(comfy):
     model, clip, _ = comfy.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.safetensors")[:3]
-    return model, clip
+    return model, shallow_text_encoder(clip)
 
 
 def tiny_patch(model, clip, *, gamma=1.0, zero_kv=True, prompt=PROMPT, seed=0):
