@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from .customcontrast import VisualAttention
 from .customcontrast_encoder import EncoderConfig, MFIEncoder

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_patches.customcontrast_losses import (appearance_factors, cscl_loss, gather_global, location_loss,
+from model_patches.customcontrast_losses import (appearance_factors, cscl_loss, location_loss,
                                                  macl_loss)
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model_patches.customcontrast import (COND, CallState, CustomContrastPatch, DecoupledAttention, VisualAttention,
+from model_patches.customcontrast import (CallState, CustomContrastPatch, DecoupledAttention, VisualAttention,
                                           VisualKV)
 from model_patches.customcontrast_encoder import EncoderConfig, MFIEncoder
 from model_patches.customcontrast_text import PlaceholderError, PlaceholderPrompt
@@ -160,3 +160,27 @@ def test_weighted_prompt_matches_the_stock_weighting(comfy, sd):
     want = text(comfy, clip, "a (photo:1.2) of sks, (blurry:0.8)")
     torch.testing.assert_close(got[0, 0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[0, 1], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_context_patch_pairs_rows_and_lengths_like_comfyui():
+    """Conditional rows get their layer's context, unconditional rows keep theirs; contexts of 77·k tokens are
+    repeated to a common length as ComfyUI's CONDCrossAttn.concat does; layers not in the patch are untouched."""
+    from model_patches.customcontrast import ContextPatch
+    from model_patches.unet_layout import TransformerSlot
+
+    slots = [TransformerSlot("input", 1, 0, 0, 8, 2), TransformerSlot("output", 3, 0, 0, 8, 2)]
+    ours = torch.randn(1, 2, 154, 768)          # a two-section prompt, 2 layers
+    negative = torch.randn(2, 77, 768)          # an uncond row, then a cond row
+    state = CallState(ours, torch.zeros(1, 1, 768), 1.0)
+    n = torch.randn(2, 4, 8)
+    extra = {"subject_customization.customcontrast": state, "cond_or_uncond": [1, 0], "block": ("output", 3),
+             "block_index": 0}
+    n_out, context, value = ContextPatch(slots)(n, negative, negative, extra)
+    assert n_out is n or torch.equal(n_out, n)
+    assert context is value and context.shape == (2, 154, 768)
+    assert torch.equal(context[0], negative[0].repeat(2, 1))
+    assert torch.equal(context[1], ours[0, 1])
+    untouched = ContextPatch(slots)(n, negative, negative, {**extra, "block": ("middle", 0)})
+    assert torch.equal(untouched[1], negative)
+    only_uncond = ContextPatch(slots)(n[:1], negative[:1], negative[:1], {**extra, "cond_or_uncond": [1]})
+    assert torch.equal(only_uncond[1], negative[:1])
