@@ -184,3 +184,26 @@ def test_context_patch_pairs_rows_and_lengths_like_comfyui():
     assert torch.equal(untouched[1], negative)
     only_uncond = ContextPatch(slots)(n[:1], negative[:1], negative[:1], {**extra, "cond_or_uncond": [1]})
     assert torch.equal(only_uncond[1], negative[:1])
+
+
+def test_weight_file_round_trip_keeps_every_tensor_and_the_layout(sd, tmp_path):
+    from model_patches.customcontrast_weights import (check_fits_model, load_customcontrast_weights,
+                                                      save_customcontrast_weights)
+    from model_patches.weight_files import read_metadata
+
+    model, clip = sd
+    patch = tiny_patch(model, clip, zero_kv=False)
+    path = save_customcontrast_weights(tmp_path / "cc.safetensors", patch.encoder, patch.visual_attention,
+                                       patch.slots, image_layers=[1, 2, 3], training_config={"lr": 3e-5})
+    loaded = load_customcontrast_weights(path)
+    assert check_fits_model(loaded, model) == patch.slots
+    assert loaded.encoder.config == patch.encoder.config and loaded.image_layers == [1, 2, 3]
+    for mine, theirs in ((patch.encoder, loaded.encoder), (patch.visual_attention, loaded.visual_attention)):
+        a, b = mine.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = read_metadata(path)
+    assert meta["method"] == "customcontrast" and meta["base_architecture"] == "sd15"
+    with torch.no_grad():
+        t = torch.tensor([400.0])
+        torch.testing.assert_close(loaded.encoder(patch.image_features, t).s_plus,
+                                   patch.encoder.eval()(patch.image_features, t).s_plus, rtol=0, atol=0)
