@@ -55,6 +55,7 @@ class PlaceholderPrompt:
 
     @classmethod
     def of(cls, clip, prompt: str, word: str) -> "PlaceholderPrompt":
+        _text_model(clip)  # refuse another CLIP family here, not in the middle of sampling
         token = placeholder_token(clip, word)
         sections = clip.tokenize(prompt)["l"]
         positions = [(s, i) for s, section in enumerate(sections) for i, (t, _) in enumerate(section)
