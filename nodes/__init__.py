@@ -1,13 +1,7 @@
 """ComfyUI node classes of the pack. Each module exports its own mappings; this file only gathers them."""
-from . import anylogo, encoders, frequency, points, similarity
-from . import p3s, p3s_train
+from . import anylogo, customcontrast, encoders, eqdiff, eqdiff_train, frequency, p3s, p3s_train, points, similarity
 
-_MODULES = (frequency, points, encoders, anylogo, similarity,
-            p3s, p3s_train)
-
-from . import eqdiff, eqdiff_train  # noqa: E402  (issue 13)
-
-_MODULES += (eqdiff, eqdiff_train)
+_MODULES = (frequency, points, encoders, anylogo, similarity, eqdiff, eqdiff_train, p3s, p3s_train, customcontrast)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -237,3 +237,35 @@ def build_tiny_dinov2_files(folder: Path | str, *, seed: int = 0) -> tuple[Path,
     if not config.exists():
         config.write_text(json.dumps(TINY_DINOV2_CONFIG))
     return weights, config
+
+
+def build_customcontrast_weights(path: Path | str, model, *, image_layers=(1, 2, 3), vision_width: int = 64,
+                                 seed: int = 0, zero_visual: bool = False) -> Path:
+    """A CustomContrast file for ``model``'s cross-attention layers: a small MFI encoder (seeded) and seeded
+    K_v/V_v (zero with ``zero_visual``, as training starts), over the tiny CLIP vision's ``image_layers``."""
+    import torch
+
+    from model_patches.customcontrast import VisualAttention
+    from model_patches.customcontrast_encoder import EncoderConfig, MFIEncoder
+    from model_patches.customcontrast_weights import save_customcontrast_weights
+    from model_patches.unet_layout import transformer_slots
+
+    slots = transformer_slots(model)
+    torch.manual_seed(seed)
+    encoder = MFIEncoder(EncoderConfig(feature_dim=vision_width * len(image_layers), layers=len(slots), dim=32,
+                                       visual_tokens=4, depth=2, heads=4, fourier_bands=8))
+    visual = VisualAttention(slots)
+    if not zero_visual:
+        for p in visual.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+    return save_customcontrast_weights(path, encoder, visual, slots, image_layers=list(image_layers),
+                                       training_config={"tiny_model": True, "seed": seed})
+
+
+def shallow_text_encoder(clip, layers: int = 2):
+    """Keep the first ``layers`` blocks of this CLIP object's (random) CLIP-L text transformer: the same classes
+    and code path at a fraction of the cost, for tests of methods that run the text encoder inside every
+    sampling step (CustomContrast: l encodes per step). Changes this CLIP object only."""
+    encoder = clip.cond_stage_model.clip_l.transformer.text_model.encoder
+    encoder.layers = encoder.layers[:layers]
+    return clip

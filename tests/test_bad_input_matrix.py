@@ -630,6 +630,114 @@ ROWS += [
 ]
 
 
+# ---- CustomContrast (issue 15): its own block, so rows of other methods can be added above without conflicts ----
+
+CC_LOADER, CC_APPLY = "SC_CustomContrastLoader", "SC_CustomContrastApply"
+_CC: dict = {}
+
+
+def cc(c) -> dict:
+    """The tiny SD1.5 with a 2-block text encoder, a CustomContrast weights folder and CLIP embeds (built once)."""
+    if not _CC:
+        import tempfile
+        from pathlib import Path
+
+        import folder_paths
+
+        from model_patches.customcontrast import VisualAttention
+        from model_patches.customcontrast_encoder import EncoderConfig, MFIEncoder
+        from model_patches.customcontrast_weights import load_customcontrast_weights, save_customcontrast_weights
+        from model_patches.unet_layout import transformer_slots
+
+        folder = Path(tempfile.mkdtemp(prefix="customcontrast_matrix_"))
+        folder_paths.add_model_folder_path("customcontrast", str(folder), is_default=True)
+        model, clip = c.nodes.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.safetensors")[:2]
+        tiny_models.shallow_text_encoder(clip)
+        good = tiny_models.build_customcontrast_weights(folder / "cc_good.safetensors", model)
+        slots = transformer_slots(model)[:-1]  # a UNet with one cross-attention layer fewer
+        encoder = MFIEncoder(EncoderConfig(feature_dim=192, layers=len(slots), dim=32, visual_tokens=4, depth=1,
+                                           heads=4, fourier_bands=8))
+        save_customcontrast_weights(folder / "cc_other_layout.safetensors", encoder, VisualAttention(slots), slots,
+                                    image_layers=[1, 2, 3])
+        encode = c.nodes.NODE_CLASS_MAPPINGS[CLIPN]()
+        embeds = encode.encode(c.clip, img(), "1,2,3", "center_crop", 0.0, 0xFFFFFF, True, False)[0]
+        _CC.update(model=model, clip=clip, folder=folder, good=good, weights=load_customcontrast_weights(good),
+                   other=load_customcontrast_weights(folder / "cc_other_layout.safetensors"), embeds=embeds,
+                   embeds_124=encode.encode(c.clip, img(), "1,2,4", "center_crop", 0.0, 0xFFFFFF, True, False)[0])
+    return _CC
+
+
+def cc_file(c, name, *, tensors=None, **metadata):
+    """The good tiny CustomContrast file with ``tensors`` / ``metadata`` changed, in its models folder."""
+    import safetensors
+    import safetensors.torch
+
+    from model_patches.weight_files import save_weights
+
+    good = cc(c)["good"]
+    with safetensors.safe_open(str(good), framework="pt") as f:
+        meta = dict(f.metadata())
+    content = safetensors.torch.load_file(str(good))
+    content.update(tensors or {})
+    save_weights(cc(c)["folder"] / name, content, {**meta, **metadata})
+    return name
+
+
+def cc_applied_twice(c):
+    node = c.nodes.NODE_CLASS_MAPPINGS[CC_APPLY]()
+    first = node.apply(**CC_DEFAULTS[CC_APPLY](c))[0]
+    node.apply(**{**CC_DEFAULTS[CC_APPLY](c), "model": first})
+
+
+CC_DEFAULTS: dict[str, Callable] = {
+    CC_LOADER: lambda c: dict(weights_name=cc(c)["good"].name),
+    CC_APPLY: lambda c: dict(model=cc(c)["model"], clip=cc(c)["clip"], customcontrast=cc(c)["weights"],
+                             subject_embeds=cc(c)["embeds"], prompt="a photo of sks", placeholder="sks", gamma=1.0,
+                             start_percent=0.0, end_percent=1.0),
+}
+DEFAULTS.update(CC_DEFAULTS)
+
+CUSTOMCONTRAST_ROWS: list[Row] = [
+    *float_rows(CC_APPLY, "gamma", "start_percent", "end_percent"),
+    Row(CC_APPLY, 6, "prompt_without_placeholder", "the prompt does not contain the placeholder word 'sks'",
+        args=lambda c: {"prompt": "a photo of a dog"}),
+    Row(CC_APPLY, 6, "placeholder_of_several_tokens", "is 5 tokens for the CLIP tokenizer",
+        args=lambda c: {"placeholder": "xqzvyk", "prompt": "a photo of xqzvyk"}),
+    Row(CC_APPLY, 6, "placeholder_two_words", "the placeholder must be one word",
+        args=lambda c: {"placeholder": "my dog"}),
+    Row(CC_APPLY, 0, "dinov2_embeds", "needs CLIP vision embeds, but these come from a DINOv2 model",
+        args=lambda c: {"subject_embeds": nan_embeds()}),
+    Row(CC_APPLY, 0, "embeds_of_other_layers", "was trained on CLIP layers [1, 2, 3]; the embeds have layers "
+        "[1, 2, 4]", args=lambda c: {"subject_embeds": cc(c)["embeds_124"]}),
+    Row(CC_APPLY, 5, "weights_for_another_layout", "was trained for a UNet with 6 cross-attention layers",
+        args=lambda c: {"customcontrast": cc(c)["other"]}),
+    Row(CC_APPLY, 0, "start_after_end", "start_percent (0.8) must not be after end_percent (0.2)",
+        args=lambda c: {"start_percent": 0.8, "end_percent": 0.2}),
+    Row(CC_APPLY, 3, "applied_twice", "this MODEL already has CustomContrast applied", run=cc_applied_twice),
+    Row(CC_APPLY, 0, "inpainting_model", "needs an SD1.5-architecture model",
+        args=lambda c: {"model": c.kit.model}),
+    Row(CLIPN, 6, "empty_subject_mask", "subject mask 0 is empty",
+        args=lambda c: {"mask": torch.zeros(1, 32, 32)}),
+    Row(CC_LOADER, 5, "anylogo_file", "is a 'anylogo' file; expected 'customcontrast' weights",
+        args=lambda c: {"weights_name": cc_file(c, "cc_anylogo.safetensors", method="anylogo")}),
+    Row(CC_LOADER, 5, "newer_format", "has customcontrast format version 9",
+        args=lambda c: {"weights_name": cc_file(c, "cc_v9.safetensors", format_version="9")}),
+    Row(CC_LOADER, 5, "nan_tensor", "holds 1 non-finite value",
+        args=lambda c: {"weights_name": cc_file(c, "cc_nan.safetensors", tensors={
+            "visual.output3_0.to_k.weight": poisoned(torch.zeros(320, 768), (4, 5))})}),
+    Row(CC_LOADER, 5, "missing_layout", "lacks its encoder_config / layers / image_layers metadata",
+        args=lambda c: {"weights_name": cc_file(c, "cc_nolayout.safetensors", layers="null")}),
+]
+ROWS += CUSTOMCONTRAST_ROWS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_customcontrast_objects():
+    """Drop the cached models while ComfyUI is still loaded (a ModelPatcher freed at interpreter exit warns)."""
+    yield
+    _CC.clear()
+
+
 # ---- running a row ------------------------------------------------------------------------------------------------
 
 class AnyType(str):
