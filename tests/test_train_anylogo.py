@@ -273,10 +273,10 @@ def test_keep_rate_of_the_training_draws_is_threshold_times_kept_conditions(trai
     kept at Λ·(1 − condition_dropout) = 0.6 · 0.75 = 0.45, conditions dropped at 0.25. Bounds ~4.5 sd: the
     kept share per sample has variance 0.1125 (dropout drops all four layers together), sd of the mean 0.0075;
     the dropped share sd 0.0097."""
-    import train.anylogo as method_module
+    import train.anylogo_step as step_module  # the loss (train.anylogo_step.anylogo_loss) calls it there
 
     trainer = trained["trainer"]
-    monkeypatch.setattr(method_module, "anylogo_forward", lambda model, layout, x, *a, **k: x)
+    monkeypatch.setattr(step_module, "anylogo_forward", lambda model, layout, x, *a, **k: x)
     kept, dropped = [], []
     with torch.no_grad():
         for step in range(500):
