@@ -249,7 +249,7 @@ def trained(tmp_path_factory, anylogo_config):
 def test_the_trainer_learns_on_rows_it_never_saw_and_samples_validation_images(trained):
     """Held-out pairs (photos, positions and subjects not trained on): the noise loss falls by > 10 %. Sixteen
     steps teach denoising, not reading the subject: the true subject's region loss is reported next to the
-    rolled subjects' and not asserted lower (the 80-minute miniature in the README is where that is measured)."""
+    rolled subjects' and not asserted lower (the AnyLogo miniature of tests/benchmarks/lab measures that)."""
     (b_loss, b_region), (a_loss, a_region) = trained["before"]["held_out"], trained["after"]["held_out"]
     s_region = trained["after"]["shuffled"][1]
     print(f"held-out loss before {b_loss:.4f}, after {a_loss:.4f}; region loss after: true subject "

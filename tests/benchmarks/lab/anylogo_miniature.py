@@ -50,6 +50,7 @@ class Arm:
     threshold: float     # Λ in training (Eq. 5)
     tokens: bool = True  # image-encoder tokens in cross-attention (App. A)
     note: str = ""
+    side_by_side: bool = False  # the subject pasted beside the scene as known pixels; plain self-attention
 
 
 ARMS = {
@@ -58,6 +59,8 @@ ARMS = {
     "both": Arm("encoder+decoder", 0.6, note="recycling at encoder and decoder, Λ=0.6"),
     "blocked": Arm("decoder", 0.0, note="blocked flow, Λ=0: image-encoder tokens only (the paper's baseline)"),
     "recycling_only": Arm("decoder", 1.0, tokens=False, note="investigation: Λ=1, no image tokens at all"),
+    "side_by_side": Arm("decoder", 0.0, tokens=False, side_by_side=True,
+                        note="control: no recycling, no tokens; the subject beside the scene, known, in one image"),
 }
 MAX_SLOTS = 8          # keep draws are taken for this many layers so every arm consumes the same random numbers
 EVAL_TIMESTEPS = (999, 850, 700, 550)
@@ -77,6 +80,15 @@ def setup_data(args, encoder):
     candidates = [anylogo_data.build(held_pairs, encoder)]
     candidates += [anylogo_data.build(held_pairs, encoder, [o[k] for o in others]) for k in range(args.candidates - 1)]
     return pool, candidates
+
+
+def side_by_side(z0, concat, subject):
+    """The control's inputs: [scene | subject column] in one latent, the subject (top of an h x w_s column)
+    known to the inpainting UNet (mask 0, in the masked image), so stock self-attention can copy it."""
+    column = torch.zeros(z0.shape[:2] + (z0.shape[2], subject.shape[3]), dtype=z0.dtype, device=z0.device)
+    column[:, :, :subject.shape[2]] = subject
+    mask = torch.cat([concat[:, :1], torch.zeros_like(column[:, :1])], dim=-1)
+    return torch.cat([z0, column], dim=-1), torch.cat([mask, torch.cat([concat[:, 1:], column], dim=-1)], dim=1)
 
 
 def image_context(projection, tokens, layout, use_tokens: bool):
@@ -103,6 +115,16 @@ def region_errors(model, layout, projection, arm: Arm, candidates, *, read: bool
         for k, cand in enumerate(candidates):
             cand = (cand if rows is None else cand.rows(rows)).to(device)
             keep = None if read else torch.zeros(n, len(layout.slots), dtype=torch.bool, device=device)
+            if arm.side_by_side:  # the scene part's noise is the other arms'; the column's own
+                wide_z0, wide_concat = side_by_side(z0, concat, cand.subject)
+                column_noise = torch.randn(wide_z0.shape[:3] + (cand.subject.shape[3],),
+                                           generator=torch.Generator().manual_seed(2000 + t)).to(device)
+                wide_x = noised(model, wide_z0, torch.cat([noise, column_noise], dim=-1), sigma)
+                out = anylogo_forward(model, layout, wide_x, sigma, wide_concat, cand.subject, subject_noise,
+                                      image_context(projection, cand.tokens, layout, arm.tokens),
+                                      torch.zeros(n, len(layout.slots), dtype=torch.bool, device=device))
+                errors[:, k] += evaluation.region_error(out[..., :z0.shape[-1]], z0, concat[:, :1]).cpu()
+                continue
             out = anylogo_forward(model, layout, x, sigma, concat, cand.subject, subject_noise,
                                   image_context(projection, cand.tokens, layout, arm.tokens), keep,
                                   recorder=recorder if k == 0 else None)
@@ -136,6 +158,7 @@ def train_arm(name: str, seed: int, pool, candidates, args) -> dict:
     params = list(model.diffusion_model.parameters()) + list(projection.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(10_000 + seed)  # the data stream of this seed: identical for every arm
+    column_gen = torch.Generator().manual_seed(20_000 + seed)  # the control's extra noise, outside that stream
     sigmas = model.model_sampling.sigmas.float()
     curve, window, started = [], [], time.perf_counter()
     quick_rows = torch.arange(min(16, candidates[0].z0.shape[0]))
@@ -149,7 +172,12 @@ def train_arm(name: str, seed: int, pool, candidates, args) -> dict:
         batch = pool.rows(index).to(device)
         tokens = [torch.where(dropped.view(-1, 1, 1).to(device), torch.zeros_like(g), g) for g in batch.tokens]
         keep = keep_decisions(uniform, arm.threshold, dropped).to(device)
-        loss, region_loss = anylogo_loss(model, layout, batch.z0, batch.concat, batch.subject,
+        z0, concat = batch.z0, batch.concat
+        if arm.side_by_side:
+            z0, concat = side_by_side(z0, concat, batch.subject)
+            column = torch.randn(z0.shape[:3] + (batch.subject.shape[3],), generator=column_gen)
+            noise = torch.cat([noise, column], dim=-1)
+        loss, region_loss = anylogo_loss(model, layout, z0, concat, batch.subject,
                                          image_context(projection, tokens, layout, arm.tokens),
                                          sigmas[t].to(device), noise.to(device), subject_noise.to(device), keep)
         optimizer.zero_grad(set_to_none=True)
@@ -182,7 +210,7 @@ def train_arm(name: str, seed: int, pool, candidates, args) -> dict:
     shares = [e[1] for entries in recorder.per_layer.values() for e in entries]
     result["asa"] = sum(shares) / len(shares) if shares else None
     result["attention_report"] = attention_report(recorder)
-    if arm.threshold > 0:
+    if arm.threshold > 0 and not arm.side_by_side:
         first = pool.rows(torch.arange(args.batch)).to(device)
         g = torch.Generator().manual_seed(5)
         draws = (sigmas[torch.randint(0, len(sigmas), (args.batch,), generator=g)].to(device),
@@ -219,7 +247,8 @@ def print_table(results: list[dict], chance: float) -> None:
     comparisons = [("decoder", "complete", "blocked", "blocked"), ("encoder", "complete", "blocked", "blocked"),
                    ("both", "complete", "blocked", "blocked"), ("decoder", "complete", "encoder", "complete"),
                    ("decoder", "complete", "both", "complete"), ("decoder", "blocked", "blocked", "blocked"),
-                   ("decoder", "complete", "decoder", "blocked"), ("recycling_only", "complete", "blocked", "blocked")]
+                   ("decoder", "complete", "decoder", "blocked"), ("recycling_only", "complete", "blocked", "blocked"),
+                   ("recycling_only", "complete", "side_by_side", "complete")]
     for a, fa, b, fb in comparisons:
         seeds = sorted({r["seed"] for r in by_arm.get(a, [])} & {r["seed"] for r in by_arm.get(b, [])})
         if not seeds or (a == b and fa == fb):
