@@ -63,7 +63,11 @@ ARMS = {
                         note="control: no recycling, no tokens; the subject beside the scene, known, in one image"),
 }
 MAX_SLOTS = 8          # keep draws are taken for this many layers so every arm consumes the same random numbers
-EVAL_TIMESTEPS = (999, 850, 700, 550)
+# One-step clean predictions at timesteps where the region is mostly noise (σ 5.1 … 1.0): there only the
+# condition can tell what belongs in the region. t=999 (σ 14.6) is stored too but kept out of the table's mean:
+# its error is σ² (≈ 214) times the noise-prediction error, so it measures noise precision, not the subject.
+EVAL_TIMESTEPS = (999, 800, 650, 500, 350)
+TABLE_TIMESTEPS = (800, 650, 500, 350)
 CONDITION_DROPOUT = 0.1
 
 
@@ -98,14 +102,16 @@ def image_context(projection, tokens, layout, use_tokens: bool):
 
 
 @torch.no_grad()
-def region_errors(model, layout, projection, arm: Arm, candidates, *, read: bool, timesteps=EVAL_TIMESTEPS,
-                  rows=None, recorder=None, device="cpu") -> torch.Tensor:
-    """[pairs, candidates] region error of the one-step clean prediction, averaged over ``timesteps``; the same
-    noises for every candidate, arm and seed."""
+def region_errors(model, layout, projection, arm: Arm, candidates, *, read: bool, timesteps=TABLE_TIMESTEPS,
+                  rows=None, recorder=None, device="cpu", by_timestep: bool = False) -> torch.Tensor:
+    """[pairs, candidates] region error of the one-step clean prediction, averaged over ``timesteps`` (or
+    [timesteps, pairs, candidates] with ``by_timestep``); the same noises for every candidate, arm and seed."""
     first = candidates[0] if rows is None else candidates[0].rows(rows)
     n = first.z0.shape[0]
-    errors = torch.zeros(n, len(candidates))
+    per_t = []
     for t in timesteps:
+        errors = torch.zeros(n, len(candidates))
+        per_t.append(errors)
         gen = torch.Generator().manual_seed(1000 + t)
         noise = torch.randn(first.z0.shape, generator=gen).to(device)
         subject_noise = torch.randn(first.subject.shape, generator=gen).to(device)
@@ -129,7 +135,8 @@ def region_errors(model, layout, projection, arm: Arm, candidates, *, read: bool
                                   image_context(projection, cand.tokens, layout, arm.tokens), keep,
                                   recorder=recorder if k == 0 else None)
             errors[:, k] += evaluation.region_error(out, z0, concat[:, :1]).cpu()
-    return errors / len(timesteps)
+    stacked = torch.stack(per_t)
+    return stacked if by_timestep else stacked.mean(dim=0)
 
 
 def extraction_gradient_share(model, layout, projection, arm, batch, draws) -> float:
@@ -187,7 +194,7 @@ def train_arm(name: str, seed: int, pool, candidates, args) -> dict:
         window.append((float(loss.detach()), float(region_loss)))
         if step % args.log_every == 0 or step == args.steps:
             errors = region_errors(model, layout, projection, arm, candidates, read=arm.threshold > 0,
-                                   timesteps=(999, 700), rows=quick_rows, device=device)
+                                   timesteps=(800, 500), rows=quick_rows, device=device)
             ident = evaluation.identification(errors)
             point = {"step": step, "loss": sum(w[0] for w in window) / len(window),
                      "region_loss": sum(w[1] for w in window) / len(window),
@@ -201,9 +208,20 @@ def train_arm(name: str, seed: int, pool, candidates, args) -> dict:
     train_seconds = time.perf_counter() - started
     result = {"arm": name, "seed": seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "train_seconds": train_seconds, "curve": curve, "slots": [s.name for s in layout.slots]}
+    result["eval_timesteps"] = list(EVAL_TIMESTEPS)
     for read in (True, False):
-        errors = region_errors(model, layout, projection, arm, candidates, read=read, device=device)
-        result["complete" if read else "blocked"] = errors.tolist()
+        errors = region_errors(model, layout, projection, arm, candidates, read=read, timesteps=EVAL_TIMESTEPS,
+                               device=device, by_timestep=True)
+        flow = "complete" if read else "blocked"
+        result[f"{flow}_by_timestep"] = errors.tolist()
+        result[flow] = errors[[EVAL_TIMESTEPS.index(t) for t in TABLE_TIMESTEPS]].mean(dim=0).tolist()
+    if args.out:
+        import safetensors.torch
+
+        weights = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in model.diffusion_model.state_dict().items()}
+        weights.update({f"image_projection.{k}": v.detach().cpu().contiguous()
+                        for k, v in projection.state_dict().items()})
+        safetensors.torch.save_file(weights, str(Path(args.out) / f"{name}_seed{seed}.safetensors"))
     recorder = AttentionRecorder()
     region_errors(model, layout, projection, arm, candidates, read=True, rows=quick_rows, recorder=recorder,
                   device=device)
@@ -226,7 +244,8 @@ def print_table(results: list[dict], chance: float) -> None:
     by_arm = {}
     for r in results:
         by_arm.setdefault(r["arm"], []).append(r)
-    print(f"\nheld-out region error (one-step clean prediction, t in {EVAL_TIMESTEPS}), mean ± sd over seeds; "
+    print(f"\nheld-out region error (one-step clean prediction, mean over t in {TABLE_TIMESTEPS}), mean ± sd over "
+          f"seeds; "
           f"identified: chance {chance:.3f}")
     print(f"{'arm':<16} {'seeds':>5} {'flow at test':>12} {'true subject':>16} {'other subjects':>16} "
           f"{'identified':>14} {'ASA':>6} {'train s':>8}")
@@ -265,6 +284,17 @@ def print_table(results: list[dict], chance: float) -> None:
         if shares:
             print(f"  {name}: share of the UNet gradient that flows through the extraction pass "
                   f"{evaluation.format_pm(*evaluation.mean_spread(shares))}")
+    print("\nper timestep, complete transmission, mean over seeds: true subject / other subjects, identified")
+    for name, rows in by_arm.items():
+        if "complete_by_timestep" not in rows[0]:
+            continue
+        cells = []
+        for i, t in enumerate(rows[0]["eval_timesteps"]):
+            stats = [evaluation.identification(torch.tensor(r["complete_by_timestep"][i])) for r in rows]
+            cells.append(f"t={t}: {sum(float(x['true'].mean()) for x in stats) / len(stats):.3f} / "
+                         f"{sum(float(x['other'].mean()) for x in stats) / len(stats):.3f}, "
+                         f"{sum(float(x['hit'].mean()) for x in stats) / len(stats):.2f}")
+        print(f"  {name}: " + "; ".join(cells))
     print("\ntraining curves (loss / region loss over each logging window; held-out true vs other, 16 pairs):")
     for r in results:
         pts = r["curve"]
@@ -279,7 +309,7 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", default="decoder,blocked,encoder,both",
                         help=f"comma list of {sorted(ARMS)}, run in this order per seed round")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-pairs", type=int, default=6000)
