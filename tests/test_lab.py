@@ -123,3 +123,14 @@ def test_identification_scores_chance_when_candidates_tie_and_finds_the_lowest()
                                    torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])).item() == pytest.approx(1.0)
     p = evaluation.paired(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.5, 2.0]))
     assert p["mean_diff"] == pytest.approx(-0.1667, abs=1e-3) and p["a_lower"] == pytest.approx(2 / 3)
+
+
+def test_the_lossy_encoder_view_keeps_block_means_only():
+    from lab.anylogo_data import coarse_view
+
+    glyphs = torch.stack([S.subject(i) for i in range(4)])
+    assert torch.equal(coarse_view(glyphs, 1), glyphs)
+    coarse = coarse_view(glyphs, 4)
+    assert coarse.shape == glyphs.shape
+    assert torch.allclose(coarse[:, :, :4, :4], glyphs[:, :, :4, :4].mean(dim=(2, 3), keepdim=True).expand(-1, -1, 4, 4))
+    assert torch.allclose(coarse.mean(dim=(2, 3)), glyphs.mean(dim=(2, 3)), atol=1e-6)

@@ -50,9 +50,19 @@ def subject_tokens(encoder, subject_pixels: torch.Tensor, scene_pixels: torch.Te
     return [torch.cat([p[g] for p in parts]) for g in range(len(parts[0]))]
 
 
-def build(pairs: list[S.Pair], encoder, subject_ids: list[int] | None = None) -> PairTensors:
+def coarse_view(pixels: torch.Tensor, pool: int) -> torch.Tensor:
+    """What a lossy encoder sees: ``pool`` x ``pool`` block means, shown at the original size (1 = unchanged)."""
+    if pool <= 1:
+        return pixels
+    coarse = torch.nn.functional.avg_pool2d(pixels, pool)
+    return torch.nn.functional.interpolate(coarse, scale_factor=pool, mode="nearest")
+
+
+def build(pairs: list[S.Pair], encoder, subject_ids: list[int] | None = None, encoder_pool: int = 1) -> PairTensors:
     """Tensors of ``pairs``; with ``subject_ids`` (one per pair) that subject is the condition instead of the
-    pair's own (how candidates are given at evaluation: same scene, another subject's latent and tokens)."""
+    pair's own (how candidates are given at evaluation: same scene, another subject's latent and tokens).
+    ``encoder_pool`` > 1 gives the image encoder only block means of the subject (the recycled latent keeps
+    every pixel): DINOv2's tokens lose low-level detail, which is what the paper's recycling restores."""
     ids = subject_ids if subject_ids is not None else [p.subject_id for p in pairs]
     scenes = torch.stack([S.scene(p) for p in pairs])
     masks = torch.stack([S.region_mask(p) for p in pairs])
@@ -61,4 +71,4 @@ def build(pairs: list[S.Pair], encoder, subject_ids: list[int] | None = None) ->
     latent_mask = masks[:, :, ::S.BLOCK, ::S.BLOCK]  # the region is whole 2x2 blocks: exact
     concat = torch.cat([latent_mask, S.space_to_depth(masked)], dim=1)
     return PairTensors(S.space_to_depth(scenes), concat, S.space_to_depth(subject_pixels),
-                       subject_tokens(encoder, subject_pixels, masked))
+                       subject_tokens(encoder, coarse_view(subject_pixels, encoder_pool), masked))

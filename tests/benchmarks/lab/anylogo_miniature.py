@@ -74,15 +74,16 @@ CONDITION_DROPOUT = 0.1
 def setup_data(args, encoder):
     train_pairs = S.make_pairs(args.train_pairs, S.TRAIN_SUBJECTS, args.train_subjects, seed=1)
     held_pairs = S.make_pairs(args.held_pairs, S.HELD_OUT_SUBJECTS, args.held_pairs, seed=2)
-    pool = anylogo_data.build(train_pairs, encoder)
+    pool = anylogo_data.build(train_pairs, encoder, encoder_pool=args.encoder_pool)
     # candidate 0 is the pair's own subject; the others are other held-out pairs' subjects, fixed per pair
     gen = torch.Generator().manual_seed(3)
     others = []
     for j in range(len(held_pairs)):
         choice = [int(i) for i in torch.randperm(len(held_pairs), generator=gen) if int(i) != j]
         others.append([held_pairs[i].subject_id for i in choice[:args.candidates - 1]])
-    candidates = [anylogo_data.build(held_pairs, encoder)]
-    candidates += [anylogo_data.build(held_pairs, encoder, [o[k] for o in others]) for k in range(args.candidates - 1)]
+    candidates = [anylogo_data.build(held_pairs, encoder, encoder_pool=args.encoder_pool)]
+    candidates += [anylogo_data.build(held_pairs, encoder, [o[k] for o in others], encoder_pool=args.encoder_pool)
+                   for k in range(args.candidates - 1)]
     return pool, candidates
 
 
@@ -207,6 +208,7 @@ def train_arm(name: str, seed: int, pool, candidates, args) -> dict:
                   f"{point['held_identified']:.2f} ({point['seconds']:.0f} s)", flush=True)
     train_seconds = time.perf_counter() - started
     result = {"arm": name, "seed": seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+              "encoder_pool": args.encoder_pool,
               "train_seconds": train_seconds, "curve": curve, "slots": [s.name for s in layout.slots]}
     result["eval_timesteps"] = list(EVAL_TIMESTEPS)
     for read in (True, False):
@@ -317,6 +319,8 @@ def main(argv=None) -> None:
     parser.add_argument("--held-pairs", type=int, default=64)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--log-every", type=int, default=250)
+    parser.add_argument("--encoder-pool", type=int, default=1,
+                        help="the image encoder sees only NxN block means of the subject (1: every pixel)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="", help="folder for one JSON per (arm, seed); reruns skip those present")
