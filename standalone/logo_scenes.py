@@ -1,4 +1,4 @@
-"""A small logo-in-scene set built from bundled material, for the AnyLogo trainer's tests and miniature ablation.
+"""A small logo-in-scene set built from bundled material, for the AnyLogo trainer's tests and benchmark.
 
 Scenes are square crops of scikit-image's photos; subjects are scikit-image's logo and letters rendered with
 Pillow on coloured badges. A pair pastes its subject (resized to the region) into a square region of its scene:

@@ -35,11 +35,11 @@ from model_patches.image_context import ImageContextPatch, ImageProjection, grou
 
 from . import anylogo_data as data
 from .anylogo_preview import sample_insertion
-from .anylogo_step import (RecyclingLayout, anylogo_forward, encode_latent, inpaint_inputs, keep_decisions,
+from .anylogo_step import (RecyclingLayout, anylogo_loss, encode_latent, inpaint_inputs, keep_decisions,
                            masked_scene)
 from .base_model import BaseModelError
 from .config import ConfigError, TrainConfig, option
-from .diffusion import draw_sigmas, implied_noise, noised
+from .diffusion import draw_sigmas
 from .distributed import mix_seed
 from .engine import run
 from .finetune import LAYER_SETS
@@ -243,16 +243,12 @@ class AnyLogoMethod(TrainingMethod):
         sigma = draw_sigmas(model, rng)
         noise, subject_noise = rng.randn(*z0.shape[1:]), rng.randn(*subject.shape[1:])
         keep = keep_decisions(rng.rand(len(self.layout.slots)), cfg.sparse_threshold, dropped)
-        x_noisy = noised(model, z0, noise, sigma)
-        denoised = anylogo_forward(model, self.layout, x_noisy, sigma, concat, subject, subject_noise,
-                                   ImageContextPatch(self.projection, tokens, self.layout.group_of), keep,
-                                   subject_known=cfg.subject_concat == "known",
-                                   detach_signatures=cfg.detach_signatures)
-        error = (implied_noise(x_noisy, denoised.float(), sigma) - noise).square()
-        region = concat[:, :1]
-        region_loss = (error * region).sum() / (region.sum() * error.shape[1]).clamp_min(1)
-        return error.mean(), {"sigma_mean": float(sigma.mean()), "condition_dropped": float(dropped.float().mean()),
-                              "signatures_kept": float(keep.float().mean()), "region_loss": float(region_loss.detach())}
+        loss, region_loss = anylogo_loss(model, self.layout, z0, concat, subject,
+                                         ImageContextPatch(self.projection, tokens, self.layout.group_of), sigma,
+                                         noise, subject_noise, keep, subject_known=cfg.subject_concat == "known",
+                                         detach_signatures=cfg.detach_signatures)
+        return loss, {"sigma_mean": float(sigma.mean()), "condition_dropped": float(dropped.float().mean()),
+                              "signatures_kept": float(keep.float().mean()), "region_loss": float(region_loss)}
 
     # ---- validation and export -------------------------------------------------------------------------------
     def preview(self, ctx: TrainContext, index: int, threshold: float, seed: int) -> tuple[torch.Tensor, ...]:

@@ -21,8 +21,10 @@ import torch
 
 from model_patches.anylogo import POSITIONS, extract_signatures
 from model_patches.image_context import POSITIVE_COND_KEY, ImageContextPatch, group_of_slots
-from model_patches.recycling import STATUS_KEY, Generation, RecyclingAttention
+from model_patches.recycling import STATUS_KEY, AttentionRecorder, Generation, RecyclingAttention
 from model_patches.unet_layout import MIDDLE, TransformerSlot, select_slots, transformer_slots
+
+from .diffusion import implied_noise, noised
 
 
 @dataclass(frozen=True)
@@ -73,14 +75,15 @@ def sparse_key_bias(keep: torch.Tensor, slots) -> callable:
 def anylogo_forward(model, layout: RecyclingLayout, x_noisy: torch.Tensor, sigma: torch.Tensor,
                     concat: torch.Tensor, subject: torch.Tensor, subject_noise: torch.Tensor,
                     image_context: ImageContextPatch, keep: torch.Tensor | None = None, *,
-                    subject_known: bool = True, detach_signatures: bool = False) -> torch.Tensor:
+                    subject_known: bool = True, detach_signatures: bool = False,
+                    recorder: AttentionRecorder | None = None) -> torch.Tensor:
     """The generation status's denoised prediction [B, 4, h, w] for noised scene latents ``x_noisy`` at
     per-row ``sigma`` [B], with ``concat`` [B, 5, h, w] (mask, masked-scene latent) and the rows' subject
     latents ``subject`` [B, 4, hs, ws] noised with ``subject_noise`` at the same sigmas. ``keep`` [B, layers]:
     which recycled layers each row reads (None: all, the complete transmission of sampling). No layer to read
     (blocked flow, or every row dropped) skips the extraction pass. The signature bank belongs to this call's
     autograd graph (gradient checkpointing replays attention from it in backward) and is emptied here when no
-    graph was built."""
+    graph was built. ``recorder`` collects what the recycled layers delivered (ASA, SLD; the attention report)."""
     reading = bool(layout.slots) and (keep is None or bool(keep.any()))
     options = layout.transformer_options(image_context, reading)
     context = torch.zeros(x_noisy.shape[0], 1, layout.context_dim, device=x_noisy.device, dtype=x_noisy.dtype)
@@ -90,13 +93,29 @@ def anylogo_forward(model, layout: RecyclingLayout, x_noisy: torch.Tensor, sigma
             bank = extract_signatures(model, subject, subject_noise, sigma, context, list(layout.slots), options,
                                       in_channels=layout.in_channels, subject_known=subject_known)
         key_bias = None if keep is None else sparse_key_bias(keep, layout.slots)
-        options[STATUS_KEY] = Generation(bank, reading_cond=0, key_bias=key_bias)
+        options[STATUS_KEY] = Generation(bank, reading_cond=0, key_bias=key_bias, recorder=recorder)
     options.update({"cond_or_uncond": [0], "sigmas": sigma})
     try:
         return model.apply_model(x_noisy, sigma, c_concat=concat, c_crossattn=context, transformer_options=options)
     finally:
         if bank is not None and not torch.is_grad_enabled():
             bank.clear()
+
+
+def anylogo_loss(model, layout: RecyclingLayout, z0: torch.Tensor, concat: torch.Tensor, subject: torch.Tensor,
+                 image_context: ImageContextPatch, sigma: torch.Tensor, noise: torch.Tensor,
+                 subject_noise: torch.Tensor, keep: torch.Tensor, *, subject_known: bool = True,
+                 detach_signatures: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 6 for a batch of clean scene latents ``z0``: the noise MSE of the generation status only, and (for the
+    log, no gradient) the same error inside the region (``concat``'s mask channel). The trainer and the lab's
+    miniatures both train through this, so a miniature measures the trainer's own objective."""
+    x_noisy = noised(model, z0, noise, sigma)
+    denoised = anylogo_forward(model, layout, x_noisy, sigma, concat, subject, subject_noise, image_context, keep,
+                               subject_known=subject_known, detach_signatures=detach_signatures)
+    error = (implied_noise(x_noisy, denoised.float(), sigma) - noise).square()
+    region = concat[:, :1]
+    region_loss = (error * region).sum() / (region.sum() * error.shape[1]).clamp_min(1)
+    return error.mean(), region_loss.detach()
 
 
 # ---- inputs --------------------------------------------------------------------------------------------------

@@ -1,0 +1,364 @@
+"""AnyLogo's ablations in the lab: recycling vs blocked flow (Table 3), its position (Table 4), blocked-flow
+generation of a model trained with sparse recycling (Fig. 4).
+
+    COMFYUI_PATH=/opt/ComfyUI python tests/benchmarks/lab/anylogo_miniature.py --quick      # smoke run
+    COMFYUI_PATH=/opt/ComfyUI python tests/benchmarks/lab/anylogo_miniature.py --out RESULTS  # the table
+    ... --arms decoder,blocked --seeds 0,1,2 --steps 3000 --device cuda
+
+Every arm trains a fresh micro UNet (ComfyUI's UNetModel, width 32, 1.1M parameters, seeded) from scratch plus
+the DINOv2→context projection, with the trainer's own loss (``train.anylogo_step.anylogo_loss``: the pack's
+RecyclingAttention, extraction pass and ImageContextPatch), AdamW, on procedural glyph subjects pasted into
+16 px scenes (pixels = latents). For one seed, every arm sees the same batches, timesteps and noises (paired).
+Evaluation on held-out subjects (never in training): the one-step clean prediction's squared error inside the
+region at high-noise timesteps, with the true subject and with each of the other candidates as the condition
+(its latent for the signatures, its image tokens), and identification = the true subject gives the lowest
+error (chance 1/candidates). Each arm is evaluated with complete transmission and with blocked flow.
+Results are written per (arm, seed) as they finish (``--out``), so the table can be printed from what ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LAB_PARENT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[3]
+sys.path.append(str(PACK_ROOT))  # behind ComfyUI, as in tests/conftest.py
+sys.path.append(str(LAB_PARENT))
+
+from standalone.host import bootstrap  # noqa: E402
+
+bootstrap()
+
+import torch  # noqa: E402
+
+from lab import anylogo_data, evaluation, subjects as S  # noqa: E402
+from lab.micro_models import MICRO_DINOV2, build_micro_image_encoder, build_micro_model  # noqa: E402
+from model_patches.diagnostics import attention_report  # noqa: E402
+from model_patches.image_context import ImageContextPatch, ImageProjection  # noqa: E402
+from model_patches.recycling import AttentionRecorder  # noqa: E402
+from train.anylogo_step import RecyclingLayout, anylogo_forward, anylogo_loss, keep_decisions  # noqa: E402
+from train.diffusion import noised  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Arm:
+    positions: str
+    threshold: float     # Λ in training (Eq. 5)
+    tokens: bool = True  # image-encoder tokens in cross-attention (App. A)
+    note: str = ""
+    side_by_side: bool = False  # the subject pasted beside the scene as known pixels; plain self-attention
+
+
+ARMS = {
+    "decoder": Arm("decoder", 0.6, note="recycling at the decoder, Λ=0.6 (the paper's choice)"),
+    "encoder": Arm("encoder", 0.6, note="recycling at the encoder, Λ=0.6"),
+    "both": Arm("encoder+decoder", 0.6, note="recycling at encoder and decoder, Λ=0.6"),
+    "blocked": Arm("decoder", 0.0, note="blocked flow, Λ=0: image-encoder tokens only (the paper's baseline)"),
+    "recycling_only": Arm("decoder", 1.0, tokens=False, note="investigation: Λ=1, no image tokens at all"),
+    "side_by_side": Arm("decoder", 0.0, tokens=False, side_by_side=True,
+                        note="control: no recycling, no tokens; the subject beside the scene, known, in one image"),
+}
+MAX_SLOTS = 8          # keep draws are taken for this many layers so every arm consumes the same random numbers
+# One-step clean predictions at timesteps where the region is mostly noise (σ 5.1 … 1.0): there only the
+# condition can tell what belongs in the region. t=999 (σ 14.6) is stored too but kept out of the table's mean:
+# its error is σ² (≈ 214) times the noise-prediction error, so it measures noise precision, not the subject.
+EVAL_TIMESTEPS = (999, 800, 650, 500, 350)
+TABLE_TIMESTEPS = (800, 650, 500, 350)
+CONDITION_DROPOUT = 0.1
+
+
+def setup_data(args, encoder):
+    train_pairs = S.make_pairs(args.train_pairs, S.TRAIN_SUBJECTS, args.train_subjects, seed=1)
+    held_pairs = S.make_pairs(args.held_pairs, S.HELD_OUT_SUBJECTS, args.held_pairs, seed=2)
+    pool = anylogo_data.build(train_pairs, encoder, encoder_pool=args.encoder_pool)
+    # candidate 0 is the pair's own subject; the others are other held-out pairs' subjects, fixed per pair
+    gen = torch.Generator().manual_seed(3)
+    others = []
+    for j in range(len(held_pairs)):
+        choice = [int(i) for i in torch.randperm(len(held_pairs), generator=gen) if int(i) != j]
+        others.append([held_pairs[i].subject_id for i in choice[:args.candidates - 1]])
+    candidates = [anylogo_data.build(held_pairs, encoder, encoder_pool=args.encoder_pool)]
+    candidates += [anylogo_data.build(held_pairs, encoder, [o[k] for o in others], encoder_pool=args.encoder_pool)
+                   for k in range(args.candidates - 1)]
+    return pool, candidates
+
+
+def side_by_side(z0, concat, subject):
+    """The control's inputs: [scene | subject column] in one latent, the subject (top of an h x w_s column)
+    known to the inpainting UNet (mask 0, in the masked image), so stock self-attention can copy it."""
+    column = torch.zeros(z0.shape[:2] + (z0.shape[2], subject.shape[3]), dtype=z0.dtype, device=z0.device)
+    column[:, :, :subject.shape[2]] = subject
+    mask = torch.cat([concat[:, :1], torch.zeros_like(column[:, :1])], dim=-1)
+    return torch.cat([z0, column], dim=-1), torch.cat([mask, torch.cat([concat[:, 1:], column], dim=-1)], dim=1)
+
+
+def image_context(projection, tokens, layout, use_tokens: bool):
+    if not use_tokens:
+        tokens = [torch.zeros_like(t) for t in tokens]
+    return ImageContextPatch(projection, tokens, layout.group_of)
+
+
+@torch.no_grad()
+def region_errors(model, layout, projection, arm: Arm, candidates, *, read: bool, timesteps=TABLE_TIMESTEPS,
+                  rows=None, recorder=None, device="cpu", by_timestep: bool = False) -> torch.Tensor:
+    """[pairs, candidates] region error of the one-step clean prediction, averaged over ``timesteps`` (or
+    [timesteps, pairs, candidates] with ``by_timestep``); the same noises for every candidate, arm and seed."""
+    first = candidates[0] if rows is None else candidates[0].rows(rows)
+    n = first.z0.shape[0]
+    per_t = []
+    for t in timesteps:
+        errors = torch.zeros(n, len(candidates))
+        per_t.append(errors)
+        gen = torch.Generator().manual_seed(1000 + t)
+        noise = torch.randn(first.z0.shape, generator=gen).to(device)
+        subject_noise = torch.randn(first.subject.shape, generator=gen).to(device)
+        sigma = model.model_sampling.sigmas[t].float().expand(n).to(device)
+        z0, concat = first.z0.to(device), first.concat.to(device)
+        x = noised(model, z0, noise, sigma)
+        for k, cand in enumerate(candidates):
+            cand = (cand if rows is None else cand.rows(rows)).to(device)
+            keep = None if read else torch.zeros(n, len(layout.slots), dtype=torch.bool, device=device)
+            if arm.side_by_side:  # the scene part's noise is the other arms'; the column's own
+                wide_z0, wide_concat = side_by_side(z0, concat, cand.subject)
+                column_noise = torch.randn(wide_z0.shape[:3] + (cand.subject.shape[3],),
+                                           generator=torch.Generator().manual_seed(2000 + t)).to(device)
+                wide_x = noised(model, wide_z0, torch.cat([noise, column_noise], dim=-1), sigma)
+                out = anylogo_forward(model, layout, wide_x, sigma, wide_concat, cand.subject, subject_noise,
+                                      image_context(projection, cand.tokens, layout, arm.tokens),
+                                      torch.zeros(n, len(layout.slots), dtype=torch.bool, device=device))
+                errors[:, k] += evaluation.region_error(out[..., :z0.shape[-1]], z0, concat[:, :1]).cpu()
+                continue
+            out = anylogo_forward(model, layout, x, sigma, concat, cand.subject, subject_noise,
+                                  image_context(projection, cand.tokens, layout, arm.tokens), keep,
+                                  recorder=recorder if k == 0 else None)
+            errors[:, k] += evaluation.region_error(out, z0, concat[:, :1]).cpu()
+    stacked = torch.stack(per_t)
+    return stacked if by_timestep else stacked.mean(dim=0)
+
+
+def extraction_gradient_share(model, layout, projection, arm, batch, draws) -> float:
+    """||g - g_detached|| / ||g||: the part of the UNet's gradient that flows back through the extraction pass."""
+    grads = []
+    for detach in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss, _ = anylogo_loss(model, layout, batch.z0, batch.concat, batch.subject,
+                               image_context(projection, batch.tokens, layout, arm.tokens), *draws,
+                               detach_signatures=detach)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.diffusion_model.parameters() if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+    return float((grads[0] - grads[1]).norm() / grads[0].norm().clamp_min(1e-12))
+
+
+def train_arm(name: str, seed: int, pool, candidates, args) -> dict:
+    arm, device = ARMS[name], torch.device(args.device)
+    model, _ = build_micro_model(seed=seed, device=device)
+    layout = RecyclingLayout.of(model, arm.positions, False, len(pool.tokens))
+    projection = ImageProjection(MICRO_DINOV2["hidden_size"], layout.context_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7)
+        projection.proj.reset_parameters()
+    projection.to(device)
+    params = list(model.diffusion_model.parameters()) + list(projection.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(10_000 + seed)  # the data stream of this seed: identical for every arm
+    column_gen = torch.Generator().manual_seed(20_000 + seed)  # the control's extra noise, outside that stream
+    sigmas = model.model_sampling.sigmas.float()
+    curve, window, started = [], [], time.perf_counter()
+    quick_rows = torch.arange(min(16, candidates[0].z0.shape[0]))
+    for step in range(1, args.steps + 1):
+        index = torch.randint(0, pool.z0.shape[0], (args.batch,), generator=gen)
+        t = torch.randint(0, len(sigmas), (args.batch,), generator=gen)
+        noise = torch.randn((args.batch,) + tuple(pool.z0.shape[1:]), generator=gen)
+        subject_noise = torch.randn((args.batch,) + tuple(pool.subject.shape[1:]), generator=gen)
+        dropped = torch.rand(args.batch, generator=gen) < CONDITION_DROPOUT
+        uniform = torch.rand(args.batch, MAX_SLOTS, generator=gen)[:, :len(layout.slots)]
+        batch = pool.rows(index).to(device)
+        tokens = [torch.where(dropped.view(-1, 1, 1).to(device), torch.zeros_like(g), g) for g in batch.tokens]
+        keep = keep_decisions(uniform, arm.threshold, dropped).to(device)
+        z0, concat = batch.z0, batch.concat
+        if arm.side_by_side:
+            z0, concat = side_by_side(z0, concat, batch.subject)
+            column = torch.randn(z0.shape[:3] + (batch.subject.shape[3],), generator=column_gen)
+            noise = torch.cat([noise, column], dim=-1)
+        loss, region_loss = anylogo_loss(model, layout, z0, concat, batch.subject,
+                                         image_context(projection, tokens, layout, arm.tokens),
+                                         sigmas[t].to(device), noise.to(device), subject_noise.to(device), keep)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        window.append((float(loss.detach()), float(region_loss)))
+        if step % args.log_every == 0 or step == args.steps:
+            errors = region_errors(model, layout, projection, arm, candidates, read=arm.threshold > 0,
+                                   timesteps=(800, 500), rows=quick_rows, device=device)
+            ident = evaluation.identification(errors)
+            point = {"step": step, "loss": sum(w[0] for w in window) / len(window),
+                     "region_loss": sum(w[1] for w in window) / len(window),
+                     "held_true": float(ident["true"].mean()), "held_other": float(ident["other"].mean()),
+                     "held_identified": float(ident["hit"].mean()), "seconds": time.perf_counter() - started}
+            curve.append(point)
+            window = []
+            print(f"  {name} seed {seed} step {step}: loss {point['loss']:.4f} region {point['region_loss']:.4f} "
+                  f"held-out true {point['held_true']:.4f} other {point['held_other']:.4f} identified "
+                  f"{point['held_identified']:.2f} ({point['seconds']:.0f} s)", flush=True)
+    train_seconds = time.perf_counter() - started
+    result = {"arm": name, "seed": seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+              "encoder_pool": args.encoder_pool,
+              "train_seconds": train_seconds, "curve": curve, "slots": [s.name for s in layout.slots]}
+    result["eval_timesteps"] = list(EVAL_TIMESTEPS)
+    for read in (True, False):
+        errors = region_errors(model, layout, projection, arm, candidates, read=read, timesteps=EVAL_TIMESTEPS,
+                               device=device, by_timestep=True)
+        flow = "complete" if read else "blocked"
+        result[f"{flow}_by_timestep"] = errors.tolist()
+        result[flow] = errors[[EVAL_TIMESTEPS.index(t) for t in TABLE_TIMESTEPS]].mean(dim=0).tolist()
+    if args.out:
+        import safetensors.torch
+
+        weights = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in model.diffusion_model.state_dict().items()}
+        weights.update({f"image_projection.{k}": v.detach().cpu().contiguous()
+                        for k, v in projection.state_dict().items()})
+        safetensors.torch.save_file(weights, str(Path(args.out) / f"{name}_seed{seed}.safetensors"))
+    recorder = AttentionRecorder()
+    region_errors(model, layout, projection, arm, candidates, read=True, rows=quick_rows, recorder=recorder,
+                  device=device)
+    shares = [e[1] for entries in recorder.per_layer.values() for e in entries]
+    result["asa"] = sum(shares) / len(shares) if shares else None
+    result["attention_report"] = attention_report(recorder)
+    if arm.threshold > 0 and not arm.side_by_side:
+        first = pool.rows(torch.arange(args.batch)).to(device)
+        g = torch.Generator().manual_seed(5)
+        draws = (sigmas[torch.randint(0, len(sigmas), (args.batch,), generator=g)].to(device),
+                 torch.randn(first.z0.shape, generator=g).to(device),
+                 torch.randn(first.subject.shape, generator=g).to(device),
+                 torch.ones(args.batch, len(layout.slots), dtype=torch.bool, device=device))
+        result["extraction_gradient_share"] = extraction_gradient_share(model, layout, projection, arm, first, draws)
+    result["eval_seconds"] = time.perf_counter() - started - train_seconds
+    return result
+
+
+def print_table(results: list[dict], chance: float) -> None:
+    by_arm = {}
+    for r in results:
+        by_arm.setdefault(r["arm"], []).append(r)
+    print(f"\nheld-out region error (one-step clean prediction, mean over t in {TABLE_TIMESTEPS}), mean ± sd over "
+          f"seeds; "
+          f"identified: chance {chance:.3f}")
+    print(f"{'arm':<16} {'seeds':>5} {'flow at test':>12} {'true subject':>16} {'other subjects':>16} "
+          f"{'identified':>14} {'ASA':>6} {'train s':>8}")
+    for name, rows in by_arm.items():
+        for flow in ("complete", "blocked"):
+            stats = [evaluation.identification(torch.tensor(r[flow])) for r in rows]
+            true = evaluation.mean_spread([float(s["true"].mean()) for s in stats])
+            other = evaluation.mean_spread([float(s["other"].mean()) for s in stats])
+            hit = evaluation.mean_spread([float(s["hit"].mean()) for s in stats])
+            asa = evaluation.mean_spread([r["asa"] for r in rows if r.get("asa") is not None]) \
+                if flow == "complete" else (float("nan"), 0)
+            secs = evaluation.mean_spread([r["train_seconds"] for r in rows])[0]
+            print(f"{name:<16} {len(rows):>5} {flow:>12} {evaluation.format_pm(*true):>16} "
+                  f"{evaluation.format_pm(*other):>16} {evaluation.format_pm(*hit, 2):>14} {asa[0]:>6.3f} "
+                  f"{secs:>8.0f}")
+    print("\npaired comparisons on the same held-out pairs (true-subject region error, per seed; a - b < 0: a is "
+          "better)")
+    comparisons = [("decoder", "complete", "blocked", "blocked"), ("encoder", "complete", "blocked", "blocked"),
+                   ("both", "complete", "blocked", "blocked"), ("decoder", "complete", "encoder", "complete"),
+                   ("decoder", "complete", "both", "complete"), ("decoder", "blocked", "blocked", "blocked"),
+                   ("decoder", "complete", "decoder", "blocked"), ("recycling_only", "complete", "blocked", "blocked"),
+                   ("recycling_only", "complete", "side_by_side", "complete")]
+    for a, fa, b, fb in comparisons:
+        seeds = sorted({r["seed"] for r in by_arm.get(a, [])} & {r["seed"] for r in by_arm.get(b, [])})
+        if not seeds or (a == b and fa == fb):
+            continue
+        parts = []
+        for seed in seeds:
+            ra = next(r for r in by_arm[a] if r["seed"] == seed)
+            rb = next(r for r in by_arm[b] if r["seed"] == seed)
+            p = evaluation.paired(torch.tensor(ra[fa])[:, 0], torch.tensor(rb[fb])[:, 0])
+            parts.append(f"seed {seed}: {p['mean_diff']:+.4f} ± {p['se']:.4f} (a lower in {p['a_lower']:.0%})")
+        print(f"  {a} ({fa}) - {b} ({fb}): " + "; ".join(parts))
+    for name, rows in by_arm.items():
+        shares = [r["extraction_gradient_share"] for r in rows if "extraction_gradient_share" in r]
+        if shares:
+            print(f"  {name}: share of the UNet gradient that flows through the extraction pass "
+                  f"{evaluation.format_pm(*evaluation.mean_spread(shares))}")
+    print("\nper timestep, complete transmission, mean over seeds: true subject / other subjects, identified")
+    for name, rows in by_arm.items():
+        if "complete_by_timestep" not in rows[0]:
+            continue
+        cells = []
+        for i, t in enumerate(rows[0]["eval_timesteps"]):
+            stats = [evaluation.identification(torch.tensor(r["complete_by_timestep"][i])) for r in rows]
+            cells.append(f"t={t}: {sum(float(x['true'].mean()) for x in stats) / len(stats):.3f} / "
+                         f"{sum(float(x['other'].mean()) for x in stats) / len(stats):.3f}, "
+                         f"{sum(float(x['hit'].mean()) for x in stats) / len(stats):.2f}")
+        print(f"  {name}: " + "; ".join(cells))
+    print("\ntraining curves (loss / region loss over each logging window; held-out true vs other, 16 pairs):")
+    for r in results:
+        pts = r["curve"]
+        picks = [pts[0], pts[len(pts) // 2], pts[-1]] if len(pts) > 2 else pts
+        print(f"  {r['arm']} seed {r['seed']}: " + " | ".join(
+            f"step {p['step']}: {p['loss']:.3f}/{p['region_loss']:.3f}, {p['held_true']:.3f} vs "
+            f"{p['held_other']:.3f}, id {p['held_identified']:.2f}" for p in picks))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default="decoder,blocked,encoder,both",
+                        help=f"comma list of {sorted(ARMS)}, run in this order per seed round")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-pairs", type=int, default=6000)
+    parser.add_argument("--train-subjects", type=int, default=3000)
+    parser.add_argument("--held-pairs", type=int, default=64)
+    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--log-every", type=int, default=250)
+    parser.add_argument("--encoder-pool", type=int, default=1,
+                        help="the image encoder sees only NxN block means of the subject (1: every pixel)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="", help="folder for one JSON per (arm, seed); reruns skip those present")
+    parser.add_argument("--quick", action="store_true", help="smoke run: decoder and blocked, one seed, 300 steps")
+    parser.add_argument("--table-only", action="store_true", help="print the table from --out and stop")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.arms, args.seeds, args.steps, args.log_every = "decoder,blocked", "0", 300, 100
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))] if out else []
+    if args.table_only:
+        print_table(results, 1.0 / args.candidates)
+        return
+    started = time.perf_counter()
+    encoder = build_micro_image_encoder(seed=0)
+    pool, candidates = setup_data(args, encoder)
+    print(f"data: {pool.z0.shape[0]} training pairs over {args.train_subjects} subjects, {args.held_pairs} held-out "
+          f"pairs x {args.candidates} candidates ({time.perf_counter() - started:.0f} s); torch threads "
+          f"{torch.get_num_threads()}, device {args.device}", flush=True)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in args.arms.split(","):
+            path = out / f"{name}_seed{seed}.json" if out else None
+            if path and path.exists():
+                continue
+            result = train_arm(name, seed, pool, candidates, args)
+            results.append(result)
+            if path:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(result))
+                tmp.replace(path)
+            print(f"{name} seed {seed}: trained {result['train_seconds']:.0f} s, evaluated "
+                  f"{result['eval_seconds']:.0f} s", flush=True)
+    print(f"total {time.perf_counter() - started:.0f} s")
+    print_table(results, 1.0 / args.candidates)
+
+
+if __name__ == "__main__":
+    main()

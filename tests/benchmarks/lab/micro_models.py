@@ -1,0 +1,81 @@
+"""Micro models of the real classes: ComfyUI's own UNetModel (inside its BaseModel and ModelPatcher) and its
+DINOv2 CLIP_VISION class, small enough that thousands of training steps fit on two CPU cores.
+
+The UNet is built from an SD1.5 model config with the width, context and depth changed, so everything that
+reads the config (``RecyclingLayout``, the patches' slot discovery, ``model_sampling``'s SD1.5 schedule) sees
+what it sees on SD1.5. ComfyUI's BaseModel uses weight-init-free operations (real checkpoints overwrite every
+weight), so the weights are initialised here with torch's default initialisers under a fixed seed.
+"""
+from __future__ import annotations
+
+import torch
+
+LATENT_CHANNELS = 4  # SD1.5's latent width: the pack's AnyLogo checks subject latents are [1, 4, h, w]
+
+MICRO_UNET = dict(
+    model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
+    transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=64, num_heads=4,
+    num_head_channels=-1, use_spatial_transformer=True, legacy=False, use_linear_in_transformer=False,
+    adm_in_channels=None, use_temporal_resblock=False, use_temporal_attention=False, image_size=32,
+    out_channels=LATENT_CHANNELS)
+
+MICRO_DINOV2 = {
+    "model_type": "dinov2", "hidden_size": 32, "use_mask_token": True, "patch_size": 14, "image_size": 518,
+    "num_channels": 3, "num_attention_heads": 4, "hidden_act": "gelu", "mlp_ratio": 2, "num_hidden_layers": 4,
+    "layer_norm_eps": 1e-6, "qkv_bias": True, "use_swiglu_ffn": False, "layerscale_value": 1.0,
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+}
+MICRO_DINOV2_RESOLUTION = 28  # 2x2 patches + the class token: the subject is 8 px, more patches add nothing
+
+
+def _torch_default_init_(module: torch.nn.Module) -> None:
+    """torch's own initialiser of each layer (ComfyUI's ops classes skip it by design)."""
+    for m in module.modules():
+        for base in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm, torch.nn.LayerNorm):
+            if isinstance(m, base):
+                base.reset_parameters(m)
+                break
+
+
+def micro_unet_config(*, inpainting: bool = True, width: int = 32, context_dim: int = 64, heads: int = 4) -> dict:
+    channels = LATENT_CHANNELS * 2 + 1 if inpainting else LATENT_CHANNELS  # [z_t; mask; masked scene]
+    return {**MICRO_UNET, "in_channels": channels, "model_channels": width, "context_dim": context_dim,
+            "num_heads": heads}
+
+
+def build_micro_model(*, seed: int = 0, inpainting: bool = True, width: int = 32, context_dim: int = 64,
+                      heads: int = 4, device="cpu"):
+    """(BaseModel, ModelPatcher) of an EPS SD1.5-config model around a micro ``UNetModel``; fp32, seeded."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(micro_unet_config(inpainting=inpainting, width=width,
+                                                           context_dim=context_dim, heads=heads))
+    # SD15's extra config forces 8 heads; ours applies after it
+    config.unet_config.update(num_heads=heads, num_head_channels=-1)
+    config.set_inference_dtype(torch.float32, None)
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device="cpu")
+        _torch_default_init_(model.diffusion_model)
+    if inpainting:
+        model.set_inpaint()  # what ComfyUI's get_model does for a 9-channel UNet (mask + masked-image inputs)
+    model = model.to(device).float()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    return model, patcher
+
+
+def build_micro_image_encoder(*, seed: int = 0):
+    """ComfyUI's DINOv2 (the CLIP_VISION class AnyLogo's conditioning reads) at width 32, depth 4; frozen,
+    random (the lab has no pretrained encoder: it stands for a fixed feature map of the subject)."""
+    from standalone.tiny_models import vision_model_from_config
+
+    encoder = vision_model_from_config(MICRO_DINOV2, seed=seed)
+    encoder.model.requires_grad_(False)
+    return encoder
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,136 @@
+"""The miniature lab's core (tests/benchmarks/lab): procedural subjects, pixels-as-latents, micro models of the
+real classes with the pack's patch, and the evaluation measures. Fast: no training here."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parent / "benchmarks"))
+
+from lab import evaluation, subjects as S  # noqa: E402
+from lab.micro_models import build_micro_image_encoder, build_micro_model, parameter_count  # noqa: E402
+
+
+def test_subjects_and_scenes_are_pure_functions_of_their_index():
+    for i in (0, 1, 12345, S.HELD_OUT_SUBJECTS[7]):
+        assert torch.equal(S.subject(i), S.subject(i))
+    pair = S.make_pairs(3, S.TRAIN_SUBJECTS, 10, seed=4)[2]
+    assert S.make_pairs(3, S.TRAIN_SUBJECTS, 10, seed=4)[2] == pair
+    assert torch.equal(S.scene(pair), S.scene(pair))
+    assert not torch.equal(S.subject(0), S.subject(1))
+
+
+def test_thousands_of_distinct_subjects_whose_shape_is_visible():
+    glyphs = torch.stack([S.subject(i) for i in range(3000)])
+    assert glyphs.shape == (3000, 1, S.SUBJECT_PX, S.SUBJECT_PX) and glyphs.abs().max() <= 1
+    flat = glyphs.flatten(1)
+    distance = torch.cdist(flat, flat) + torch.eye(len(flat)) * 1e9
+    assert distance.min() > 0.1  # no two alike, not merely unequal in the last bits
+    shapes = {tuple((g[0] != g[0, 0, 0]).flatten().tolist()) for g in glyphs}  # foreground layouts alone
+    assert len(shapes) > 2500
+    contrast = flat.max(dim=1).values - flat.min(dim=1).values
+    assert contrast.min() >= 0.8
+
+
+def test_training_and_held_out_subjects_never_overlap():
+    train = S.make_pairs(6000, S.TRAIN_SUBJECTS, 3000, seed=1)
+    held = S.make_pairs(64, S.HELD_OUT_SUBJECTS, 64, seed=2)
+    train_ids, held_ids = {p.subject_id for p in train}, {p.subject_id for p in held}
+    assert len(train_ids) == 3000 and len(held_ids) == 64 and not train_ids & held_ids
+    train_images = {S.subject(i).numpy().tobytes() for i in train_ids}
+    assert not any(S.subject(i).numpy().tobytes() in train_images for i in held_ids)
+    assert not {p.background_id for p in train} & {p.background_id for p in held}
+
+
+def test_space_to_depth_is_exactly_inverted_and_keeps_the_region_whole():
+    pixels = torch.randn(5, 1, S.SCENE_PX, S.SCENE_PX)
+    latent = S.space_to_depth(pixels)
+    assert latent.shape == (5, 4, S.SCENE_PX // 2, S.SCENE_PX // 2)
+    assert torch.equal(S.depth_to_space(latent), pixels)
+    assert torch.equal(latent[0, :, 1, 2], pixels[0, 0, 2:4, 4:6].flatten())  # one cell = one 2x2 block
+    pair = S.make_pairs(1, S.TRAIN_SUBJECTS, 1, seed=9)[0]
+    cells = S.space_to_depth(S.region_mask(pair))
+    assert torch.equal(cells.amin(0), cells.amax(0))  # every latent cell is wholly inside or outside the region
+    region = cells[0].bool()
+    assert int(region.sum()) == (S.SUBJECT_PX // 2) ** 2
+    inside = S.space_to_depth(S.scene(pair))[:, region]
+    assert torch.equal(inside, S.space_to_depth(S.subject(pair.subject_id)).flatten(1))
+
+
+def test_the_micro_model_is_comfyuis_unet_and_runs_the_packs_patch_through_a_model_patcher():
+    import comfy.model_patcher
+    import comfy.sample
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    from model_patches.anylogo import RecyclingSettings, build_patch
+
+    model, patcher = build_micro_model(seed=0)
+    assert type(model.diffusion_model) is UNetModel and isinstance(patcher, comfy.model_patcher.ModelPatcher)
+    assert 0.9e6 < parameter_count(model.diffusion_model) < 1.3e6
+    assert model.diffusion_model.input_blocks[0][0].in_channels == 9
+    again, _ = build_micro_model(seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    positive = [[torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(1)), {}]]
+    negative = [[torch.zeros(1, 3, 64), {}]]
+    latent = torch.zeros(1, 4, 8, 8)
+
+    def sample(m):
+        noise = comfy.sample.prepare_noise(latent, 3)
+        return comfy.sample.sample(m, noise, 3, 2.0, "euler", "normal", positive, negative, latent, seed=3,
+                                   disable_pbar=True)
+
+    plain = sample(patcher)
+    subject = S.space_to_depth(S.subject(5))[None]
+    results = {}
+    for threshold in (0.0, 1.0):
+        patched = patcher.clone()
+        patch = build_patch(patched, subject, RecyclingSettings(threshold=threshold, record_attention=True))
+        patch.install(patched)
+        results[threshold] = (sample(patched), patch.recorder)
+    assert torch.equal(results[0.0][0], plain)  # blocked flow is the unpatched model
+    out, recorder = results[1.0]
+    assert torch.isfinite(out).all() and not torch.allclose(out, plain)
+    assert sorted(recorder.per_layer) == ["output0.0", "output1.0", "output2.0", "output3.0"]
+    assert torch.equal(sample(patcher), plain)  # the original is untouched
+
+
+def test_the_micro_image_encoder_is_comfyuis_dinov2_and_gives_the_trainers_token_groups():
+    from lab import anylogo_data
+
+    encoder = build_micro_image_encoder(seed=0)
+    pairs = S.make_pairs(3, S.HELD_OUT_SUBJECTS, 3, seed=2)
+    data = anylogo_data.build(pairs, encoder)
+    assert type(encoder.model).__name__ == "Dinov2Model"
+    assert len(data.tokens) == 4 and data.tokens[0].shape == (3, 1 + 4 + 1, 32)  # cls + 2x2 patches + scene
+    assert data.z0.shape == (3, 4, 8, 8) and data.concat.shape == (3, 5, 8, 8) and data.subject.shape == (3, 4, 4, 4)
+    masked = data.concat[:, 1:] * data.concat[:, :1]
+    assert torch.equal(masked, torch.zeros_like(masked))  # the region is hidden from the masked scene
+    swapped = anylogo_data.build(pairs, encoder, [pairs[1].subject_id, pairs[2].subject_id, pairs[0].subject_id])
+    assert torch.equal(swapped.z0, data.z0) and torch.equal(swapped.subject[0], data.subject[1])
+    assert torch.allclose(swapped.tokens[0][0, :-1], data.tokens[0][1, :-1], atol=1e-5)  # subject tokens move
+    assert torch.allclose(swapped.tokens[0][:, -1], data.tokens[0][:, -1], atol=1e-5)    # scene token stays
+
+
+def test_identification_scores_chance_when_candidates_tie_and_finds_the_lowest():
+    tied = evaluation.identification(torch.ones(6, 8))
+    assert torch.allclose(tied["hit"], torch.full((6,), 1 / 8))
+    errors = torch.tensor([[0.1, 0.5, 0.7], [0.9, 0.2, 0.4]])
+    ident = evaluation.identification(errors)
+    assert ident["hit"].tolist() == [1.0, 0.0]
+    assert torch.allclose(ident["other"], torch.tensor([0.6, 0.3]))
+    assert evaluation.region_error(torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2),
+                                   torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])).item() == pytest.approx(1.0)
+    p = evaluation.paired(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.5, 2.0]))
+    assert p["mean_diff"] == pytest.approx(-0.1667, abs=1e-3) and p["a_lower"] == pytest.approx(2 / 3)
+
+
+def test_the_lossy_encoder_view_keeps_block_means_only():
+    from lab.anylogo_data import coarse_view
+
+    glyphs = torch.stack([S.subject(i) for i in range(4)])
+    assert torch.equal(coarse_view(glyphs, 1), glyphs)
+    coarse = coarse_view(glyphs, 4)
+    assert coarse.shape == glyphs.shape
+    assert torch.allclose(coarse[:, :, :4, :4], glyphs[:, :, :4, :4].mean(dim=(2, 3), keepdim=True).expand(-1, -1, 4, 4))
+    assert torch.allclose(coarse.mean(dim=(2, 3)), glyphs.mean(dim=(2, 3)), atol=1e-6)
