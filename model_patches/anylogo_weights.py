@@ -16,14 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from .image_context import ImageProjection
-from .weight_files import (WeightFileError, load_weights, metadata_json, require_keys, require_shape,
-                           require_usable_tensors, save_weights)
+from .weight_files import (WeightFileError, load_weights, metadata_json, require_architecture_of, require_keys,
+                           require_shape, require_supported_architecture, require_usable_tensors, save_weights)
 
 METHOD = "anylogo"
 FORMAT_VERSION = 1
 UNET_PREFIX = "unet."
 PROJECTION_PREFIX = "image_projection."
-ARCHITECTURES = {4: "sd15", 9: "sd15-inpainting"}
 CONTEXT_WIDTH = 768  # SD1.5's cross-attention width: what the projection must produce
 
 
@@ -88,9 +87,7 @@ def load_anylogo_weights(path) -> AnyLogoWeights:
     tensors, metadata = load_weights(path, method=METHOD, supported_version=FORMAT_VERSION)
     name = Path(path).name
     require_keys(tensors, [PROJECTION_PREFIX + "weight", PROJECTION_PREFIX + "bias"], name)
-    if metadata.get("base_architecture") not in ARCHITECTURES.values():
-        raise WeightFileError(f"{name} was trained for {metadata.get('base_architecture')!r}; this pack's AnyLogo "
-                              f"supports {sorted(ARCHITECTURES.values())}")
+    require_supported_architecture(metadata, name, "AnyLogo")
     image_layers_of(metadata, name), image_resolution_of(metadata, name)  # malformed metadata fails at load
     require_usable_tensors(tensors, name)
     weight_key, bias_key = PROJECTION_PREFIX + "weight", PROJECTION_PREFIX + "bias"
@@ -111,11 +108,7 @@ def check_fits_model(weights: AnyLogoWeights, model_patcher) -> None:
     from .unet_layout import diffusion_model_of
 
     unet = diffusion_model_of(model_patcher)
-    in_channels = unet.input_blocks[0][0].in_channels
-    wanted = ARCHITECTURES.get(in_channels, f"{in_channels}-channel")
-    if weights.architecture != wanted:
-        raise WeightFileError(f"{weights.name} is for {weights.architecture} models, but this MODEL is {wanted} "
-                              f"({in_channels} input channels); load the matching checkpoint")
+    require_architecture_of(model_patcher, weights.architecture, weights.name, "load the matching checkpoint")
     own = unet.state_dict()
     unknown = [k for k in weights.unet if k not in own]
     if unknown:

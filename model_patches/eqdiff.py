@@ -18,8 +18,8 @@ from .eqdiff_rra import (REFERENCE_MODES, Read, ReferenceRecorder, RRAModules, c
                          reference_input, reference_key_bias, rra_slots, STATUS_KEY)
 from .finite import require_finite, require_finite_number
 from .unet_layout import TransformerSlot, diffusion_model_of
-from .weight_files import (WeightFileError, load_weights, metadata_json, require_shape, require_usable_tensors,
-                           save_weights)
+from .weight_files import (WeightFileError, load_weights, metadata_json, require_shape, require_supported_architecture,
+                           require_usable_tensors, save_weights)
 
 ATTACHMENT = "subject_customization.eqdiff"
 ANYLOGO_ATTACHMENT = "subject_customization.anylogo"
@@ -71,9 +71,7 @@ def load_eqdiff_weights(path) -> EqDiffWeights:
 
     tensors, metadata = load_weights(path, method=METHOD, supported_version=FORMAT_VERSION)
     name = Path(path).name
-    if metadata.get("base_architecture") not in ARCHITECTURES:
-        raise WeightFileError(f"{name} was trained for {metadata.get('base_architecture')!r}; this pack's EqDiff "
-                              f"supports {ARCHITECTURES}")
+    require_supported_architecture(metadata, name, "EqDiff", supported=ARCHITECTURES)
     layers = metadata_json(metadata, "layers")
     if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
         raise WeightFileError(f"{name}: metadata layers is {metadata.get('layers')!r}; expected a JSON list of "

@@ -20,12 +20,11 @@ import torch
 
 from .p3s_copy import InjectionCopy, layout_signature
 from .p3s_rngr import RNGREncoder
-from .weight_files import (WeightFileError, load_weights, metadata_json, require_keys, require_usable_tensors,
-                           save_weights)
+from .weight_files import (WeightFileError, load_weights, metadata_json, require_architecture_of, require_keys,
+                           require_supported_architecture, require_usable_tensors, save_weights)
 
 METHOD = "p3s"
 FORMAT_VERSION = 1
-ARCHITECTURES = {4: "sd15", 9: "sd15-inpainting"}
 COPY, RNGR, REFERENCE = "copy.", "rngr.", "reference."
 
 
@@ -67,9 +66,7 @@ def save_p3s_weights(path, tensors: dict[str, torch.Tensor], metadata: dict) -> 
 def load_p3s_weights(path) -> P3SWeights:
     tensors, metadata = load_weights(path, method=METHOD, supported_version=FORMAT_VERSION)
     name = Path(path).name
-    if metadata.get("base_architecture") not in ARCHITECTURES.values():
-        raise WeightFileError(f"{name} was trained for {metadata.get('base_architecture')!r}; this pack's P3S "
-                              f"supports {sorted(ARCHITECTURES.values())}")
+    require_supported_architecture(metadata, name, "P3S")
     rngr_keys = [RNGR + k for k in ("z.weight", "z.bias", "to_q.weight", "to_k.weight", "to_v.weight")]
     require_keys(tensors, rngr_keys + [REFERENCE + "latent", REFERENCE + "clip_states"], name)
     if not any(k.startswith(COPY) for k in tensors):
@@ -96,14 +93,8 @@ def load_p3s_weights(path) -> P3SWeights:
 
 def copy_for_model(weights: P3SWeights, model_patcher) -> InjectionCopy:
     """The injection copy of ``weights`` built for this MODEL, or a clear error when it does not fit."""
-    from .unet_layout import diffusion_model_of
-
-    unet = diffusion_model_of(model_patcher)
-    in_channels = unet.input_blocks[0][0].in_channels
-    wanted = ARCHITECTURES.get(in_channels, f"{in_channels}-channel")
-    if weights.architecture != wanted:
-        raise WeightFileError(f"{weights.name} is for {weights.architecture} models, but this MODEL is {wanted} "
-                              f"({in_channels} input channels); load the checkpoint it was trained from")
+    require_architecture_of(model_patcher, weights.architecture, weights.name,
+                            "load the checkpoint it was trained from")
     stored = metadata_json(weights.metadata, "copy_layout")
     if stored is not None and stored != layout_signature(model_patcher):
         raise WeightFileError(f"{weights.name} holds a copy for a UNet with {len(stored)} transformer layers "

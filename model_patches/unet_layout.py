@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 ENCODER, MIDDLE, DECODER = "input", "middle", "output"
 
+# SD1.5 UNets by input channels, as weight files record them in ``base_architecture``.
+ARCHITECTURES = {4: "sd15", 9: "sd15-inpainting"}
+
 
 @dataclass(frozen=True)
 class TransformerSlot:
@@ -37,6 +40,12 @@ def diffusion_model_of(model):
     """The UNet module behind a ModelPatcher, a BaseModel or the UNet itself."""
     inner = getattr(model, "model", model)
     return getattr(inner, "diffusion_model", inner)
+
+
+def architecture_of(model) -> str:
+    """``base_architecture`` of a MODEL: "sd15", "sd15-inpainting", else "<n>-channel" (no file matches that)."""
+    in_channels = diffusion_model_of(model).input_blocks[0][0].in_channels
+    return ARCHITECTURES.get(in_channels, f"{in_channels}-channel")
 
 
 def transformer_slots(model) -> list[TransformerSlot]:

@@ -134,3 +134,24 @@ def metadata_json(metadata: dict, key: str, default=None):
         return json.loads(value)
     except json.JSONDecodeError:
         return value
+
+
+def require_supported_architecture(metadata: dict, source: str, method: str, supported=None) -> None:
+    """At load: the file's ``base_architecture`` is one the method supports (all SD1.5 UNets by default)."""
+    from .unet_layout import ARCHITECTURES
+
+    supported = sorted(ARCHITECTURES.values()) if supported is None else list(supported)
+    if metadata.get("base_architecture") not in supported:
+        raise WeightFileError(f"{source} was trained for {metadata.get('base_architecture')!r}; this pack's {method} "
+                              f"supports {supported}")
+
+
+def require_architecture_of(model, architecture: str, source: str, advice: str) -> None:
+    """At apply: the MODEL's UNet is the architecture the file was trained for (4- vs 9-channel SD1.5)."""
+    from .unet_layout import architecture_of, diffusion_model_of
+
+    wanted = architecture_of(model)
+    if architecture != wanted:
+        in_channels = diffusion_model_of(model).input_blocks[0][0].in_channels
+        raise WeightFileError(f"{source} is for {architecture} models, but this MODEL is {wanted} "
+                              f"({in_channels} input channels); {advice}")

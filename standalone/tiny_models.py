@@ -180,7 +180,8 @@ def build_anylogo_weights(path: Path | str, *, inpainting: bool = True, seed: in
     the UNet's cross-attention key/value weights (what changes most when DINOv2 tokens replace text) and a
     1024→768 projection. It proves the loader and the conditioning path, not what trained weights do."""
     import safetensors.torch
-    from model_patches.anylogo_weights import ARCHITECTURES, save_anylogo_weights
+    from model_patches.anylogo_weights import save_anylogo_weights
+    from model_patches.unet_layout import ARCHITECTURES
     from model_patches.image_context import ImageProjection
 
     path = Path(path)

@@ -493,7 +493,8 @@ def p3s_good(c):
 
         from model_patches.p3s_copy import InjectionCopy, layout_signature
         from model_patches.p3s_rngr import RNGREncoder
-        from model_patches.p3s_weights import ARCHITECTURES, export_tensors, load_p3s_weights, save_p3s_weights
+        from model_patches.p3s_weights import export_tensors, load_p3s_weights, save_p3s_weights
+        from model_patches.unet_layout import ARCHITECTURES
 
         folder = Path(c.weights_dir).parent / "p3s_weights"  # beside the test's anylogo folder (pytest's tmp)
         folder.mkdir(exist_ok=True)

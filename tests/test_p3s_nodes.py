@@ -17,7 +17,8 @@ class P3SKit:
 
         from model_patches.p3s_copy import InjectionCopy, layout_signature
         from model_patches.p3s_rngr import RNGREncoder
-        from model_patches.p3s_weights import ARCHITECTURES, export_tensors, save_p3s_weights
+        from model_patches.p3s_weights import export_tensors, save_p3s_weights
+        from model_patches.unet_layout import ARCHITECTURES
 
         self.nodes = nodes
         self.model, self.clip, self.vae = nodes.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.safetensors")[:3]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-ARCHITECTURES = {4: "sd15", 9: "sd15-inpainting"}
+from model_patches.unet_layout import ARCHITECTURES
 
 
 class BaseModelError(ValueError):
