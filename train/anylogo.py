@@ -37,7 +37,7 @@ from . import anylogo_data as data
 from .anylogo_preview import sample_insertion
 from .anylogo_step import (RecyclingLayout, anylogo_loss, encode_latent, inpaint_inputs, keep_decisions,
                            masked_scene)
-from .base_model import BaseModelError
+from .base_model import BaseModelError, load_vision_encoder
 from .config import ConfigError, TrainConfig, option
 from .diffusion import draw_sigmas
 from .distributed import mix_seed
@@ -127,34 +127,8 @@ class AnyLogoConfig(TrainConfig):
 
 def load_image_encoder(path, config_path: str = ""):
     """ComfyUI's CLIP_VISION DINOv2 (frozen): the stock loader's detection, or ``config_path``'s architecture."""
-    import comfy.clip_vision
-    import comfy.utils
-
-    name = Path(path).name
-    if not Path(path).is_file():
-        raise BaseModelError(f"image encoder not found: {path}")
-    try:
-        if config_path:
-            encoder = comfy.clip_vision.ClipVisionModel(config_path)
-            missing, _ = encoder.load_sd(comfy.utils.load_torch_file(str(path), safe_load=True))
-            if missing:
-                raise BaseModelError(f"{name} lacks {len(missing)} weights of {Path(config_path).name}, "
-                                     f"e.g. {missing[:3]}")
-        else:
-            encoder = comfy.clip_vision.load(str(path))
-        if encoder is None:
-            raise BaseModelError(f"ComfyUI does not recognise {name} as a CLIP-vision/DINOv2 file (it detects "
-                                 "the full-size layouts); give image_encoder_config for another size")
-        vf.require_kind(encoder, vf.DINOV2, "the AnyLogo trainer")
-    except BaseModelError:
-        raise
-    except vf.VisionModelError as e:
-        raise BaseModelError(str(e)) from None
-    except Exception as e:  # safetensors raises its own error types for truncated or non-safetensors files
-        raise BaseModelError(f"could not load image encoder {name} (expected a DINOv2 .safetensors file): "
-                             f"{type(e).__name__}: {e}") from None
-    encoder.model.requires_grad_(False)
-    return encoder
+    return load_vision_encoder(path, config_path, vf.DINOV2, "the AnyLogo trainer", what="image encoder",
+                               config_option="image_encoder_config")
 
 
 class AnyLogoMethod(TrainingMethod):

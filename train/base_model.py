@@ -79,3 +79,43 @@ def load_base(path, device, *, compute_hash: bool = True) -> LoadedBase:
             module.requires_grad_(False)
     return LoadedBase(path=path, patcher=patcher, clip=clip, vae=vae, architecture=ARCHITECTURES[in_channels],
                       sha256=file_sha256(path) if compute_hash else "")
+
+
+def load_vision_encoder(path, config_path: str, kind: str, user: str, *, what: str, config_option: str):
+    """A frozen ComfyUI CLIP_VISION of ``kind`` (vision_features.CLIP / DINOV2) for a trainer, or a BaseModelError.
+
+    Loaded as the stock Load CLIP Vision node loads it (ComfyUI detects the full-size layouts), or built from
+    ``config_path``'s ComfyUI JSON config for other sizes. ``what`` names the file in messages ("image encoder"),
+    ``user`` the trainer ("the AnyLogo trainer"), ``config_option`` the config key that gives a JSON config.
+    """
+    import comfy.clip_vision
+    import comfy.utils
+
+    from image_ops import vision_features as vf
+
+    name = Path(path).name
+    if not Path(path).is_file():
+        raise BaseModelError(f"{what} not found: {path}")
+    try:
+        if config_path:
+            encoder = comfy.clip_vision.ClipVisionModel(config_path)
+            missing, _ = encoder.load_sd(comfy.utils.load_torch_file(str(path), safe_load=True))
+            if missing:
+                raise BaseModelError(f"{name} lacks {len(missing)} weights of {Path(config_path).name}, "
+                                     f"e.g. {missing[:3]}")
+        else:
+            encoder = comfy.clip_vision.load(str(path))
+        if encoder is None:
+            raise BaseModelError(f"ComfyUI does not recognise {name} as a CLIP-vision/DINOv2 file (it detects "
+                                 f"the full-size layouts); give {config_option} for another size")
+        vf.require_kind(encoder, kind, user)
+    except BaseModelError:
+        raise
+    except vf.VisionModelError as e:
+        raise BaseModelError(str(e)) from None
+    except Exception as e:  # safetensors raises its own error types for truncated or non-safetensors files
+        label = {vf.DINOV2: "DINOv2", vf.CLIP: "CLIP vision"}.get(kind, kind)
+        raise BaseModelError(f"could not load {what} {name} (expected a {label} .safetensors file): "
+                             f"{type(e).__name__}: {e}") from None
+    encoder.model.requires_grad_(False)
+    return encoder

@@ -37,7 +37,7 @@ from model_patches.p3s_copy import InjectionCopy, layout_signature
 from model_patches.p3s_rngr import DEFAULT_WIDTH, RNGREncoder
 from model_patches.unet_layout import transformer_slots
 
-from .base_model import BaseModelError
+from .base_model import BaseModelError, load_vision_encoder
 from .config import ConfigError, TrainConfig, option
 from .diffusion import TextCache, draw_sigmas, implied_noise, noised
 from .distributed import mix_seed
@@ -101,31 +101,8 @@ class P3SConfig(TrainConfig):
 
 def load_clip_vision(path, config_path: str = ""):
     """ComfyUI's CLIP_VISION (frozen), as the stock loader or from ``config_path``'s architecture."""
-    import comfy.clip_vision
-    import comfy.utils
-
-    name = Path(path).name
-    if not Path(path).is_file():
-        raise BaseModelError(f"CLIP vision file not found: {path}")
-    try:
-        if config_path:
-            encoder = comfy.clip_vision.ClipVisionModel(config_path)
-            missing, _ = encoder.load_sd(comfy.utils.load_torch_file(str(path), safe_load=True))
-            if missing:
-                raise BaseModelError(f"{name} lacks {len(missing)} weights of {Path(config_path).name}")
-        else:
-            encoder = comfy.clip_vision.load(str(path))
-        if encoder is None:
-            raise BaseModelError(f"ComfyUI does not recognise {name} as a CLIP vision file")
-        vf.require_kind(encoder, vf.CLIP, "the P3S trainer")
-    except BaseModelError:
-        raise
-    except vf.VisionModelError as e:
-        raise BaseModelError(str(e)) from None
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise BaseModelError(f"could not load CLIP vision {name}: {type(e).__name__}: {e}") from None
-    encoder.model.requires_grad_(False)
-    return encoder
+    return load_vision_encoder(path, config_path, vf.CLIP, "the P3S trainer", what="CLIP vision file",
+                               config_option="clip_vision_config")
 
 
 def load_pixels(path) -> torch.Tensor:
