@@ -210,24 +210,15 @@ def _resolve(name: str, folder: str, what: str) -> Path:
 
 
 def load_vision(name: str, config: str, kind: str, what: str):
-    import comfy.clip_vision
-    import comfy.utils
-
-    from image_ops.vision_features import require_kind
+    """The CLIP vision / DINOv2 model of ``--clip-vision`` / ``--dinov2``, loaded as the trainers load theirs."""
+    from .base_model import BaseModelError, load_vision_encoder
 
     path = _resolve(name, "clip_vision", what)
-    if config:
-        model = comfy.clip_vision.ClipVisionModel(config)
-        missing, _ = model.load_sd(comfy.utils.load_torch_file(str(path), safe_load=True))
-        if missing:
-            raise EvaluationError(f"{path.name} lacks {len(missing)} weights of {Path(config).name}, e.g. "
-                                  f"{missing[:3]}")
-    else:
-        model = comfy.clip_vision.load(str(path))  # what the stock Load CLIP Vision node does
-        if model is None:
-            raise EvaluationError(f"ComfyUI does not recognise {path.name} as a CLIP-vision/DINOv2 file (it detects "
-                                  "the full-size layouts); give its JSON config with the matching --*-config option")
-    require_kind(model, kind, what)
+    try:
+        model = load_vision_encoder(path, config, kind, "the evaluation", what=f"{what} file",
+                                    config_option=f"{what}-config")
+    except BaseModelError as error:
+        raise EvaluationError(str(error)) from None
     return model, path
 
 
