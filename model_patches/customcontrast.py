@@ -17,12 +17,14 @@ The trainer builds the same state with ``state_for`` and runs the UNet with ``tr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from . import customcontrast_location as location
 from .attention_ops import host_attention, row_chunks
+from .customcontrast_location import AttentionRecorder, layer_size
 from .customcontrast_encoder import ImageState, MFIEncoder, MFIOutput
 from .customcontrast_text import PlaceholderPrompt
 from .unet_layout import TransformerSlot
@@ -62,15 +64,39 @@ def layer_key(slot: TransformerSlot) -> str:
 
 
 @dataclass
+class SubjectCall:
+    """One subject's part of a model call: its visual tokens, γ, where its placeholder is, its K_v/V_v."""
+    index: int                                  # the subject's place in the model's subjects (recorder key)
+    visual: torch.Tensor                        # [S, m, 768]
+    gamma: float
+    placeholder: list | None = None             # its placeholder's indices in one prompt encoding
+    visual_attention: VisualAttention | None = None   # None: the K_v/V_v the attention layer was built with
+    located: bool = True                        # its attention is recorded / masked when the call asks for it
+
+
+@dataclass
 class CallState:
-    """One model call's S+ contexts and visual tokens for the conditional rows (one subject, or one per row)."""
+    """One model call's S+ contexts and visual tokens for the conditional rows (one subject, or one per row).
+
+    ``subjects`` lists every subject of the call (several for a multi-subject image); left empty, the call has
+    one subject made of ``visual`` / ``gamma`` / ``placeholder``. ``recorder`` (an ``AttentionRecorder``)
+    collects each layer's visual and placeholder attention maps per subject; ``masks`` {subject: [rows, h, w]}
+    are the location masks applied to those attentions (seed 003 §3.4)."""
     contexts: torch.Tensor       # [S, l, T, 768]
     visual: torch.Tensor         # [S, m, 768]
     gamma: float
     outputs: MFIOutput | None = None   # kept for the training losses
+    placeholder: list | None = None    # the placeholder's indices in one prompt encoding (recording, masks)
+    prompt_length: int = 77            # tokens of one prompt encoding (contexts may repeat it)
+    subjects: list = field(default_factory=list)
+    recorder: AttentionRecorder | None = None
+    masks: dict = field(default_factory=dict)
 
     def __deepcopy__(self, memo):  # lives in transformer_options, which ComfyUI copies
         return self
+
+    def calls(self) -> list[SubjectCall]:
+        return self.subjects or [SubjectCall(0, self.visual, self.gamma, self.placeholder)]
 
 
 def _per_rows(tensor: torch.Tensor, rows: int, what: str) -> torch.Tensor:
@@ -123,7 +149,8 @@ class ContextPatch:
 
 class DecoupledAttention:
     """``attn2`` replacement of one layer: the previous occupant's (or the stock) text attention + Eq. 3's
-    visual term on the conditional rows."""
+    visual term of every subject on the conditional rows; with a recorder, each subject's visual and
+    placeholder attention maps; with location masks, those two attentions masked per pixel (§3.4)."""
 
     def __init__(self, slot: TransformerSlot, kv: VisualKV, previous=None):
         self.slot, self.kv, self.previous = slot, kv, previous
@@ -132,18 +159,45 @@ class DecoupledAttention:
         text = self.previous(q, k, v, extra_options) if self.previous is not None else host_attention(q, k, v,
                                                                                                       extra_options)
         state = extra_options.get(STATE_KEY)
-        if state is None or state.gamma == 0:
+        if state is None:
             return text
+        subjects = state.calls()
+        recorder, masks = state.recorder, state.masks
+        if recorder is None and not masks and all(s.gamma == 0 for s in subjects):
+            return text
+        heads = extra_options["n_heads"]
+        size = layer_size(q.shape[1], extra_options["original_shape"]) if recorder is not None or masks else None
         parts = []
         for flag, rows in row_chunks(extra_options, q.shape[0]):
             if flag != COND:
                 parts.append(text[rows])
                 continue
-            tokens = _per_rows(state.visual, rows.stop - rows.start, "visual tokens")
-            weight = self.kv.to_k.weight
-            k_v, v_v = self.kv(tokens.to(weight.device, weight.dtype))
-            visual = host_attention(q[rows], k_v.to(q), v_v.to(q), extra_options)
-            parts.append(text[rows] + state.gamma * visual)
+            count = rows.stop - rows.start
+            out = text[rows]
+            for subject in subjects:
+                kv = self.kv if subject.visual_attention is None else subject.visual_attention.of(self.slot)
+                weight = kv.to_k.weight
+                tokens = _per_rows(subject.visual, count, "visual tokens")
+                k_v, v_v = kv(tokens.to(weight.device, weight.dtype))
+                k_v, v_v = k_v.to(q), v_v.to(q)
+                located = subject.located and subject.placeholder is not None
+                keep = masks.get(subject.index) if located else None
+                keep = None if keep is None else location.layer_mask(_per_rows(keep, count, "location masks"), size)
+                if located and (recorder is not None or keep is not None):
+                    indices = location.key_positions(k.shape[1], state.prompt_length, subject.placeholder)
+                    probabilities = location.placeholder_probabilities(q[rows], k[rows], heads, indices)
+                    if recorder is not None:
+                        recorder.record(self.slot.name, subject.index, size,
+                                        visual=location.visual_map(q[rows], k[rows], k_v, heads),
+                                        placeholder=location.placeholder_map(probabilities))
+                    if keep is not None:
+                        out = location.mask_placeholder(out, probabilities, v[rows], indices, keep, heads)
+                if subject.gamma != 0:
+                    visual = host_attention(q[rows], k_v, v_v, extra_options)
+                    if keep is not None:
+                        visual = location.mask_visual(visual, keep)
+                    out = out + subject.gamma * visual
+            parts.append(out)
         return torch.cat(parts)
 
 
@@ -193,7 +247,8 @@ class CustomContrastPatch:
         """Encoder outputs and per-layer contexts for ``timestep`` [1 | S] (discrete, 0..999)."""
         outputs = self.encoder.forward_step(self.image_state(), timestep)
         contexts = self.prompt.encode(outputs.s_plus)
-        return CallState(contexts, outputs.visual, self.gamma if gamma is None else gamma, outputs)
+        return CallState(contexts, outputs.visual, self.gamma if gamma is None else gamma, outputs,
+                         placeholder=self.prompt.key_positions(0), prompt_length=self.prompt.length)
 
     def transformer_options_for(self, transformer_options: dict, state: CallState) -> dict:
         options = with_decoupled_attention(transformer_options, self.slots, self.visual_attention)
