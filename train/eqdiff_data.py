@@ -48,17 +48,15 @@ def mask_from_points(clip_vision, image_path, positive_text: str, negative_text:
     import numpy as np
     from PIL import Image
 
-    from image_ops.point_features import patch_tokens
-    from image_ops.point_mask import points_to_mask
+    from image_ops.point_mask import select_subject
     from image_ops.point_parsing import PIXELS, batch_points
 
     with Image.open(image_path) as im:
         pixels = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).movedim(-1, 0)
     height, width = pixels.shape[-2:]
     positives, negatives = batch_points(positive_text or "", negative_text or "", 1, width, height, PIXELS)[0]
-    tokens, grid = patch_tokens(clip_vision, pixels[None], -1, encoder_size)
-    return points_to_mask(tokens[0], grid, height, width, positives, negatives, blur_sigma=blur_sigma,
-                          dilation_px=dilation_px)
+    return select_subject(clip_vision, pixels, positives, negatives, encoder_size=encoder_size,
+                          blur_sigma=blur_sigma, dilation_px=dilation_px)
 
 
 class SubjectDataset(torch.utils.data.Dataset):

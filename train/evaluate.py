@@ -175,16 +175,14 @@ def load_mask(path) -> torch.Tensor:
 
 def points_mask(clip_vision, image: torch.Tensor, text: str) -> torch.Tensor:
     """The pack's P3S point-to-mask (positive points; ``text`` in the Points to Mask node's format)."""
-    from image_ops.point_features import patch_tokens
-    from image_ops.point_mask import points_to_mask
+    from image_ops.point_mask import select_subject
     from image_ops.point_parsing import PIXELS, batch_points
 
     if clip_vision is None:
         raise EvaluationError("points were given for a mask, but point-to-mask needs --clip-vision")
     height, width = image.shape[-2:]
     (positives, negatives), = batch_points(text, "", 1, width, height, PIXELS)
-    tokens, grid = patch_tokens(clip_vision, image, -1, 224)
-    return points_to_mask(tokens[0], grid, height, width, positives, negatives)[None]
+    return select_subject(clip_vision, image[0], positives, negatives)[None]
 
 
 # ---- models -----------------------------------------------------------------------------------------------------
