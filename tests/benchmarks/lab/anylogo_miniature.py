@@ -72,6 +72,7 @@ EVAL_TIMESTEPS = (999, 800, 650, 500, 350)
 TABLE_TIMESTEPS = (800, 650, 500, 350)
 CONDITION_DROPOUT = 0.1
 DEFAULT_LR = 1e-3
+DEFAULT_STEPS = 1500
 
 
 def setup_data(args, encoder):
@@ -162,9 +163,11 @@ def init_tag(args) -> str:
     return "" if args.init == "random" else f"pre-{args.pretrain_task}{args.pretrain_steps}"
 
 
-def variant(name: str, init: str, lr: float) -> str:
-    """The table's (and the result file's) name of one arm trained from ``init`` with ``lr``."""
-    return name + (f"@{init}" if init else "") + (f"@lr{lr:g}" if lr != DEFAULT_LR else "")
+def variant(name: str, init: str, lr: float, steps: int | None = None) -> str:
+    """The table's (and the result file's) name of one arm trained from ``init`` with ``lr`` for ``steps``
+    (the defaults, random init, DEFAULT_LR and DEFAULT_STEPS, add nothing to the arm's name)."""
+    return (name + (f"@{init}" if init else "") + (f"@lr{lr:g}" if lr != DEFAULT_LR else "")
+            + (f"@{steps}st" if steps is not None and steps != DEFAULT_STEPS else ""))
 
 
 def pretrained_base(pool, args) -> dict:
@@ -265,7 +268,7 @@ def train_arm(name: str, seed: int, pool, candidates, args, base: dict | None = 
         weights = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in model.diffusion_model.state_dict().items()}
         weights.update({f"image_projection.{k}": v.detach().cpu().contiguous()
                         for k, v in projection.state_dict().items()})
-        label = variant(name, result["init"], args.lr)
+        label = variant(name, result["init"], args.lr, args.steps)
         safetensors.torch.save_file(weights, str(Path(args.out) / f"{label}_seed{seed}.safetensors"))
     recorder, selectivity = AttentionRecorder(), SelectivityStats()
     probed = ProbedLayout(layout, selectivity, candidates[0].concat[quick_rows, :1])
@@ -295,7 +298,7 @@ def variant_of(name: str, group: str) -> str:
 def print_table(results: list[dict], chance: float) -> None:
     by_arm = {}
     for r in results:
-        by_arm.setdefault(variant(r["arm"], r.get("init", ""), r.get("lr", DEFAULT_LR)), []).append(r)
+        by_arm.setdefault(variant(r["arm"], r.get("init", ""), r.get("lr", DEFAULT_LR), r["steps"]), []).append(r)
     print(f"\nheld-out region error (one-step clean prediction, mean over t in {TABLE_TIMESTEPS}), mean ± sd over "
           f"seeds; "
           f"identified: chance {chance:.3f}")
@@ -365,7 +368,7 @@ def print_table(results: list[dict], chance: float) -> None:
     for r in results:
         pts = r["curve"]
         picks = [pts[0], pts[len(pts) // 2], pts[-1]] if len(pts) > 2 else pts
-        label = variant(r["arm"], r.get("init", ""), r.get("lr", DEFAULT_LR))
+        label = variant(r["arm"], r.get("init", ""), r.get("lr", DEFAULT_LR), r["steps"])
         print(f"  {label} seed {r['seed']}: " + " | ".join(
             f"step {p['step']}: {p['loss']:.3f}/{p['region_loss']:.3f}, {p['held_true']:.3f} vs "
             f"{p['held_other']:.3f}, id {p['held_identified']:.2f}" for p in picks))
@@ -376,7 +379,8 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", default="decoder,blocked,encoder,both",
                         help=f"comma list of {sorted(ARMS)}, run in this order per seed round")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help="fine-tuning steps per arm (0: evaluate the start itself, e.g. the pretrained base)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--init", choices=("random", "pretrained"), default="random",
@@ -420,7 +424,7 @@ def main(argv=None) -> None:
     base = pretrained_base(pool, args) if args.init == "pretrained" else None
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.arms.split(","):
-            path = out / f"{variant(name, init_tag(args), args.lr)}_seed{seed}.json" if out else None
+            path = out / f"{variant(name, init_tag(args), args.lr, args.steps)}_seed{seed}.json" if out else None
             if path and path.exists():
                 continue
             result = train_arm(name, seed, pool, candidates, args, base)
