@@ -202,3 +202,39 @@ def test_pretraining_inputs_hide_show_or_blank_the_region_per_row():
     assert torch.equal(concat[0], data.concat[0])                                        # the region hidden
     assert torch.equal(concat[1, 0], torch.zeros(8, 8)) and torch.equal(concat[1, 1:], data.z0[1])  # all known
     assert torch.equal(concat[2, 0], torch.ones(8, 8)) and torch.equal(concat[2, 1:], torch.zeros(4, 8, 8))
+
+def test_textured_subjects_keep_the_glyph_shape_and_add_a_texture_on_its_foreground():
+    for i in (0, 7, S.HELD_OUT_SUBJECTS[3]):
+        glyph, textured = S.subject(i), S.textured_subject(i)
+        assert torch.equal(textured, S.textured_subject(i)) and textured.abs().max() <= 1
+        changed = textured != glyph
+        levels = glyph.unique()
+        assert len(levels) == 2  # a glyph is two levels; the texture moves one of them only
+        assert any(not (changed & (glyph == level)).any() for level in levels)
+        assert changed.any() and (textured - glyph).abs().max() <= 0.3 + 1e-6
+    scene = S.place(torch.zeros(1, 16, 16), S.textured_subject(1), 4, 6)
+    assert torch.equal(scene[:, 4:12, 6:14], S.textured_subject(1)) and scene[:, :4].abs().max() == 0
+    mask = S.box_mask((16, 16), 4, 6)
+    assert mask.shape == (1, 16, 16) and mask.sum() == 64 and mask[0, 4:12, 6:14].min() == 1
+
+
+def test_the_micro_text_encoder_is_comfyuis_clip_and_takes_a_learned_vector_at_the_placeholder():
+    import comfy.sd
+
+    from model_patches import eqdiff_tokens as fdte
+    from lab.micro_models import build_micro_text_encoder
+
+    clip = build_micro_text_encoder(seed=0)
+    assert isinstance(clip, comfy.sd.CLIP)
+    plain = clip.encode_from_tokens(clip.tokenize("a photo of sks toy"))
+    assert plain.shape == (1, 77, 64) and torch.isfinite(plain).all()
+    again = build_micro_text_encoder(seed=0).encode_from_tokens(clip.tokenize("a photo of sks toy"))
+    assert torch.equal(plain, again)  # seeded
+    (position,) = fdte.placeholder_positions(clip, "a photo of sks toy", "sks")
+    vector = torch.randn(64, requires_grad=True)
+    with_vector = fdte.encode_with_vector(clip, "a photo of sks toy", "sks", vector)
+    # causal text attention: the positions before the placeholder are unchanged, from it on they change
+    assert torch.allclose(with_vector[0, :position], plain[0, :position], atol=1e-5)
+    assert not torch.allclose(with_vector[0, position], plain[0, position], atol=1e-3)
+    (with_vector * torch.randn_like(with_vector)).sum().backward()
+    assert vector.grad.abs().sum() > 0  # the gradient reaches the vector (textual inversion can train)
