@@ -24,7 +24,7 @@ from torch import nn
 
 from . import customcontrast_location as location
 from .attention_ops import host_attention, row_chunks
-from .customcontrast_location import AttentionRecorder, layer_size
+from .customcontrast_location import AttentionRecorder, LocationTrace, layer_size
 from .customcontrast_encoder import ImageState, MFIEncoder, MFIOutput
 from .customcontrast_text import PlaceholderPrompt
 from .unet_layout import TransformerSlot
@@ -229,7 +229,11 @@ class CustomContrastPatch:
     gamma: float = 1.0
     sigma_start: float = math.inf
     sigma_end: float = 0.0
+    location: bool = False              # timestep-specific subject location (§3.4)
+    location_mask: torch.Tensor | None = None   # [1|B, H, W] the first step's mask (none: the first step runs free)
     _image: ImageState | None = None
+    _trace: LocationTrace | None = None
+    _last_sigma: float | None = None
 
     def __deepcopy__(self, memo):  # one patch per Apply node, shared by the clones made from it
         return self
@@ -285,8 +289,29 @@ class CustomContrastPatch:
         self.encoder.to(x.device)
         self.visual_attention.to(x.device)
         state = self.state_for(timestep)
+        trace = self._located_call(state, float(t.flatten()[0]), x.shape[0] // len(flags)) if self.location else None
         try:
             options = self.transformer_options_for(transformer_options, state)
-            return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+            out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+            if trace is not None:
+                trace.finish_call(state.recorder, state.masks)
+            return out
         finally:
             state.outputs = None
+
+    def trace(self) -> LocationTrace:
+        if self._trace is None:
+            masks = {} if self.location_mask is None else {0: self.location_mask.float()}
+            self._trace = LocationTrace(user_masks=masks)
+        return self._trace
+
+    def _located_call(self, state: CallState, sigma: float, rows: int) -> LocationTrace:
+        """Give this call the mask made at the previous (noisier) call and a recorder for the next one. A call
+        whose sigma is not below the previous call's starts a new sampling run: no mask carried over."""
+        trace = self.trace()
+        if self._last_sigma is None or sigma >= self._last_sigma:
+            trace.reset()
+        self._last_sigma = sigma
+        state.masks = trace.masks_for_call(rows)
+        state.recorder = AttentionRecorder(keep_grad=False)
+        return trace
