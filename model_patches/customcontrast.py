@@ -24,6 +24,7 @@ from torch import nn
 
 from .attention_ops import host_attention, row_chunks
 from .customcontrast_encoder import ImageState, MFIEncoder, MFIOutput
+from .customcontrast_location import RECORDER_KEY, layer_shape
 from .customcontrast_text import PlaceholderPrompt
 from .unet_layout import TransformerSlot
 
@@ -132,7 +133,8 @@ class DecoupledAttention:
         text = self.previous(q, k, v, extra_options) if self.previous is not None else host_attention(q, k, v,
                                                                                                       extra_options)
         state = extra_options.get(STATE_KEY)
-        if state is None or state.gamma == 0:
+        recorder = extra_options.get(RECORDER_KEY)
+        if state is None or (state.gamma == 0 and recorder is None):
             return text
         parts = []
         for flag, rows in row_chunks(extra_options, q.shape[0]):
@@ -142,6 +144,12 @@ class DecoupledAttention:
             tokens = _per_rows(state.visual, rows.stop - rows.start, "visual tokens")
             weight = self.kv.to_k.weight
             k_v, v_v = self.kv(tokens.to(weight.device, weight.dtype))
+            if recorder is not None:  # the location maps of this layer's conditional rows (training: L_loc)
+                recorder.record(q[rows], k[rows], k_v.to(q), extra_options["n_heads"],
+                                layer_shape(extra_options, q.shape[1]))
+            if state.gamma == 0:
+                parts.append(text[rows])
+                continue
             visual = host_attention(q[rows], k_v.to(q), v_v.to(q), extra_options)
             parts.append(text[rows] + state.gamma * visual)
         return torch.cat(parts)
@@ -163,6 +171,19 @@ def with_decoupled_attention(transformer_options: dict, slots, visual: VisualAtt
         attn2[slot.key] = DecoupledAttention(slot, visual.of(slot), previous)
     replaces["attn2"] = attn2
     return {**transformer_options, "patches_replace": replaces}
+
+
+def customcontrast_options(transformer_options: dict, slots, visual: VisualAttention, state: CallState) -> dict:
+    """A copy of ``transformer_options`` running one call with ``state``: every slot's attn2 replaced by the
+    decoupled attention (wrapping the occupant) and the per-layer context patch added once. Sampling (the patch's
+    wrapper) and training build the UNet call through this one function."""
+    options = with_decoupled_attention(transformer_options, slots, visual)
+    patches = dict(options.get("patches", {}))
+    attn2 = list(patches.get("attn2_patch", []))
+    if not any(isinstance(p, ContextPatch) for p in attn2):
+        attn2.append(ContextPatch(slots))
+    patches["attn2_patch"] = attn2
+    return {**options, "patches": patches, STATE_KEY: state}
 
 
 @dataclass
@@ -196,13 +217,7 @@ class CustomContrastPatch:
         return CallState(contexts, outputs.visual, self.gamma if gamma is None else gamma, outputs)
 
     def transformer_options_for(self, transformer_options: dict, state: CallState) -> dict:
-        options = with_decoupled_attention(transformer_options, self.slots, self.visual_attention)
-        patches = dict(options.get("patches", {}))
-        attn2 = list(patches.get("attn2_patch", []))
-        if not any(isinstance(p, ContextPatch) for p in attn2):
-            attn2.append(ContextPatch(self.slots))
-        patches["attn2_patch"] = attn2
-        return {**options, "patches": patches, STATE_KEY: state}
+        return customcontrast_options(transformer_options, self.slots, self.visual_attention, state)
 
     # -- sampling -------------------------------------------------------------------------------------------
     def install(self, model_patcher) -> None:
