@@ -62,13 +62,19 @@ def call_state(encoder: MFIEncoder, features: torch.Tensor, timestep: torch.Tens
 
 def customcontrast_forward(model, slots, encoder: MFIEncoder, visual: VisualAttention, x_noisy: torch.Tensor,
                            sigma: torch.Tensor, inputs: StepInputs, *, recorder: AttentionRecorder | None = None,
-                           gamma: float = 1.0):
-    """(denoised prediction, call state) of conditional rows, as the Apply node's model call computes them."""
+                           gamma: float = 1.0, cond_or_uncond=(0,)):
+    """(denoised prediction, call state), as the Apply node's model call computes them: the rows are chunks of
+    ComfyUI's ``cond_or_uncond`` flags (training: conditional rows only); ``inputs`` describe the conditional
+    rows, and the timestep of the first conditional row drives the encoder (the node: one sigma per call)."""
+    flags = list(cond_or_uncond)
+    first = flags.index(0) * (x_noisy.shape[0] // len(flags))
     timestep = model.model_sampling.timestep(sigma.float())
+    if len(flags) > 1:
+        timestep = timestep[first:first + 1]
     state = call_state(encoder, inputs.features, timestep, inputs.prompts)
     state.gamma = gamma
     options = customcontrast_options({}, slots, visual, state)
-    options.update({"cond_or_uncond": [0], "sigmas": sigma})
+    options.update({"cond_or_uncond": flags, "sigmas": sigma})
     if recorder is not None:
         options[RECORDER_KEY] = recorder
     out = model.apply_model(x_noisy, sigma, c_crossattn=inputs.context.to(x_noisy), transformer_options=options)
