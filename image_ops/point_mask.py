@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .point_features import patch_tokens
 from .point_parsing import Point, PointsError
 
 FLAT_RANGE = 1e-6
@@ -150,3 +151,15 @@ def points_to_mask(tokens: torch.Tensor, grid: tuple[int, int], height: int, wid
 
 def _xy(point: Point) -> str:
     return f"(x={point[0]:g}, y={point[1]:g})"
+
+
+def select_subject(clip_vision, pixels: torch.Tensor, positives: tuple[Point, ...], negatives: tuple[Point, ...] = (),
+                   *, layer: int = -1, encoder_size: int = 224, blur_sigma: float = 1.0,
+                   dilation_px: int = 0) -> torch.Tensor:
+    """Mask [H, W] of the subject under ``positives`` in one image ``pixels`` [3, H, W] (0..1), points in pixels:
+    the image's CLIP patch tokens, then ``points_to_mask``. The one path of the Points to Mask node and of every
+    trainer that takes clicks instead of a mask, so a click selects the same pixels everywhere."""
+    height, width = pixels.shape[-2:]
+    tokens, grid = patch_tokens(clip_vision, pixels[None], layer, encoder_size)
+    return points_to_mask(tokens[0], grid, height, width, positives, negatives, blur_sigma=blur_sigma,
+                          dilation_px=dilation_px)

@@ -52,9 +52,15 @@ def log_strength(strength: float) -> float:
 
 @torch.no_grad()
 def appended_key_share(q, k_content, k_extra, heads: int, extra_bias=None, query_chunk: int = 1024):
+    """``key_share`` without a graph (sampling-time diagnostics)."""
+    return key_share(q, k_content, k_extra, heads, extra_bias, query_chunk)
+
+
+def key_share(q, k_content, k_extra, heads: int, extra_bias=None, query_chunk: int = 1024):
     """Share of each query's attention mass that falls on the appended keys, averaged over heads: [B, Lq].
 
-    Computed from log-sum-exps over the two key sets, so the full [Lq, Lk] map is never held at once.
+    Computed from log-sum-exps over the two key sets, so the full [Lq, Lk] map is never held at once;
+    differentiable (a training loss may use it).
     """
     b, lq, inner = q.shape
     d = inner // heads

@@ -17,14 +17,15 @@ The trainer builds the same state with ``state_for`` and runs the UNet with ``tr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from . import customcontrast_location as location
 from .attention_ops import host_attention, row_chunks
+from .customcontrast_location import AttentionRecorder, LocationTrace, layer_size
 from .customcontrast_encoder import ImageState, MFIEncoder, MFIOutput
-from .customcontrast_location import RECORDER_KEY, layer_shape
 from .customcontrast_text import PlaceholderPrompt
 from .unet_layout import TransformerSlot
 
@@ -63,15 +64,39 @@ def layer_key(slot: TransformerSlot) -> str:
 
 
 @dataclass
+class SubjectCall:
+    """One subject's part of a model call: its visual tokens, γ, where its placeholder is, its K_v/V_v."""
+    index: int                                  # the subject's place in the model's subjects (recorder key)
+    visual: torch.Tensor                        # [S, m, 768]
+    gamma: float
+    placeholder: list | None = None             # its placeholder's indices in one prompt encoding
+    visual_attention: VisualAttention | None = None   # None: the K_v/V_v the attention layer was built with
+    located: bool = True                        # its attention is recorded / masked when the call asks for it
+
+
+@dataclass
 class CallState:
-    """One model call's S+ contexts and visual tokens for the conditional rows (one subject, or one per row)."""
+    """One model call's S+ contexts and visual tokens for the conditional rows (one subject, or one per row).
+
+    ``subjects`` lists every subject of the call (several for a multi-subject image); left empty, the call has
+    one subject made of ``visual`` / ``gamma`` / ``placeholder``. ``recorder`` (an ``AttentionRecorder``)
+    collects each layer's visual and placeholder attention maps per subject; ``masks`` {subject: [rows, h, w]}
+    are the location masks applied to those attentions (seed 003 §3.4)."""
     contexts: torch.Tensor       # [S, l, T, 768]
     visual: torch.Tensor         # [S, m, 768]
     gamma: float
     outputs: MFIOutput | None = None   # kept for the training losses
+    placeholder: list | None = None    # the placeholder's indices in one prompt encoding (recording, masks)
+    prompt_length: int = 77            # tokens of one prompt encoding (contexts may repeat it)
+    subjects: list = field(default_factory=list)
+    recorder: AttentionRecorder | None = None
+    masks: dict = field(default_factory=dict)
 
     def __deepcopy__(self, memo):  # lives in transformer_options, which ComfyUI copies
         return self
+
+    def calls(self) -> list[SubjectCall]:
+        return self.subjects or [SubjectCall(0, self.visual, self.gamma, self.placeholder)]
 
 
 def _per_rows(tensor: torch.Tensor, rows: int, what: str) -> torch.Tensor:
@@ -124,7 +149,8 @@ class ContextPatch:
 
 class DecoupledAttention:
     """``attn2`` replacement of one layer: the previous occupant's (or the stock) text attention + Eq. 3's
-    visual term on the conditional rows."""
+    visual term of every subject on the conditional rows; with a recorder, each subject's visual and
+    placeholder attention maps; with location masks, those two attentions masked per pixel (§3.4)."""
 
     def __init__(self, slot: TransformerSlot, kv: VisualKV, previous=None):
         self.slot, self.kv, self.previous = slot, kv, previous
@@ -133,25 +159,45 @@ class DecoupledAttention:
         text = self.previous(q, k, v, extra_options) if self.previous is not None else host_attention(q, k, v,
                                                                                                       extra_options)
         state = extra_options.get(STATE_KEY)
-        recorder = extra_options.get(RECORDER_KEY)
-        if state is None or (state.gamma == 0 and recorder is None):
+        if state is None:
             return text
+        subjects = state.calls()
+        recorder, masks = state.recorder, state.masks
+        if recorder is None and not masks and all(s.gamma == 0 for s in subjects):
+            return text
+        heads = extra_options["n_heads"]
+        size = layer_size(q.shape[1], extra_options["original_shape"]) if recorder is not None or masks else None
         parts = []
         for flag, rows in row_chunks(extra_options, q.shape[0]):
             if flag != COND:
                 parts.append(text[rows])
                 continue
-            tokens = _per_rows(state.visual, rows.stop - rows.start, "visual tokens")
-            weight = self.kv.to_k.weight
-            k_v, v_v = self.kv(tokens.to(weight.device, weight.dtype))
-            if recorder is not None:  # the location maps of this layer's conditional rows (training: L_loc)
-                recorder.record(q[rows], k[rows], k_v.to(q), extra_options["n_heads"],
-                                layer_shape(extra_options, q.shape[1]))
-            if state.gamma == 0:
-                parts.append(text[rows])
-                continue
-            visual = host_attention(q[rows], k_v.to(q), v_v.to(q), extra_options)
-            parts.append(text[rows] + state.gamma * visual)
+            count = rows.stop - rows.start
+            out = text[rows]
+            for subject in subjects:
+                kv = self.kv if subject.visual_attention is None else subject.visual_attention.of(self.slot)
+                weight = kv.to_k.weight
+                tokens = _per_rows(subject.visual, count, "visual tokens")
+                k_v, v_v = kv(tokens.to(weight.device, weight.dtype))
+                k_v, v_v = k_v.to(q), v_v.to(q)
+                located = subject.located and subject.placeholder is not None
+                keep = masks.get(subject.index) if located else None
+                keep = None if keep is None else location.layer_mask(_per_rows(keep, count, "location masks"), size)
+                if located and (recorder is not None or keep is not None):
+                    indices = location.key_positions(k.shape[1], state.prompt_length, subject.placeholder)
+                    probabilities = location.placeholder_probabilities(q[rows], k[rows], heads, indices)
+                    if recorder is not None:
+                        recorder.record(self.slot.name, subject.index, size,
+                                        visual=location.visual_map(q[rows], k[rows], k_v, heads),
+                                        placeholder=location.placeholder_map(probabilities))
+                    if keep is not None:
+                        out = location.mask_placeholder(out, probabilities, v[rows], indices, keep, heads)
+                if subject.gamma != 0:
+                    visual = host_attention(q[rows], k_v, v_v, extra_options)
+                    if keep is not None:
+                        visual = location.mask_visual(visual, keep)
+                    out = out + subject.gamma * visual
+            parts.append(out)
         return torch.cat(parts)
 
 
@@ -173,19 +219,6 @@ def with_decoupled_attention(transformer_options: dict, slots, visual: VisualAtt
     return {**transformer_options, "patches_replace": replaces}
 
 
-def customcontrast_options(transformer_options: dict, slots, visual: VisualAttention, state: CallState) -> dict:
-    """A copy of ``transformer_options`` running one call with ``state``: every slot's attn2 replaced by the
-    decoupled attention (wrapping the occupant) and the per-layer context patch added once. Sampling (the patch's
-    wrapper) and training build the UNet call through this one function."""
-    options = with_decoupled_attention(transformer_options, slots, visual)
-    patches = dict(options.get("patches", {}))
-    attn2 = list(patches.get("attn2_patch", []))
-    if not any(isinstance(p, ContextPatch) for p in attn2):
-        attn2.append(ContextPatch(slots))
-    patches["attn2_patch"] = attn2
-    return {**options, "patches": patches, STATE_KEY: state}
-
-
 @dataclass
 class CustomContrastPatch:
     encoder: MFIEncoder
@@ -196,7 +229,11 @@ class CustomContrastPatch:
     gamma: float = 1.0
     sigma_start: float = math.inf
     sigma_end: float = 0.0
+    location: bool = False              # timestep-specific subject location (§3.4)
+    location_mask: torch.Tensor | None = None   # [1|B, H, W] the first step's mask (none: the first step runs free)
     _image: ImageState | None = None
+    _trace: LocationTrace | None = None
+    _last_sigma: float | None = None
 
     def __deepcopy__(self, memo):  # one patch per Apply node, shared by the clones made from it
         return self
@@ -214,10 +251,17 @@ class CustomContrastPatch:
         """Encoder outputs and per-layer contexts for ``timestep`` [1 | S] (discrete, 0..999)."""
         outputs = self.encoder.forward_step(self.image_state(), timestep)
         contexts = self.prompt.encode(outputs.s_plus)
-        return CallState(contexts, outputs.visual, self.gamma if gamma is None else gamma, outputs)
+        return CallState(contexts, outputs.visual, self.gamma if gamma is None else gamma, outputs,
+                         placeholder=self.prompt.key_positions(0), prompt_length=self.prompt.length)
 
     def transformer_options_for(self, transformer_options: dict, state: CallState) -> dict:
-        return customcontrast_options(transformer_options, self.slots, self.visual_attention, state)
+        options = with_decoupled_attention(transformer_options, self.slots, self.visual_attention)
+        patches = dict(options.get("patches", {}))
+        attn2 = list(patches.get("attn2_patch", []))
+        if not any(isinstance(p, ContextPatch) for p in attn2):
+            attn2.append(ContextPatch(self.slots))
+        patches["attn2_patch"] = attn2
+        return {**options, "patches": patches, STATE_KEY: state}
 
     # -- sampling -------------------------------------------------------------------------------------------
     def install(self, model_patcher) -> None:
@@ -245,8 +289,29 @@ class CustomContrastPatch:
         self.encoder.to(x.device)
         self.visual_attention.to(x.device)
         state = self.state_for(timestep)
+        trace = self._located_call(state, float(t.flatten()[0]), x.shape[0] // len(flags)) if self.location else None
         try:
             options = self.transformer_options_for(transformer_options, state)
-            return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+            out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+            if trace is not None:
+                trace.finish_call(state.recorder, state.masks)
+            return out
         finally:
             state.outputs = None
+
+    def trace(self) -> LocationTrace:
+        if self._trace is None:
+            masks = {} if self.location_mask is None else {0: self.location_mask.float()}
+            self._trace = LocationTrace(user_masks=masks)
+        return self._trace
+
+    def _located_call(self, state: CallState, sigma: float, rows: int) -> LocationTrace:
+        """Give this call the mask made at the previous (noisier) call and a recorder for the next one. A call
+        whose sigma is not below the previous call's starts a new sampling run: no mask carried over."""
+        trace = self.trace()
+        if self._last_sigma is None or sigma >= self._last_sigma:
+            trace.reset()
+        self._last_sigma = sigma
+        state.masks = trace.masks_for_call(rows)
+        state.recorder = AttentionRecorder(keep_grad=False)
+        return trace

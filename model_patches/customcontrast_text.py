@@ -46,25 +46,55 @@ def placeholder_token(clip, word: str) -> int:
 
 @dataclass
 class PlaceholderPrompt:
-    """A tokenized caption and where its placeholder sits; encodes it with per-layer tokens."""
+    """A tokenized caption and where its placeholder words sit; encodes it with per-layer tokens.
+
+    One placeholder per subject: ``tokens[k]`` is subject k's word, ``occurrences[k]`` its (section, index)
+    positions. ``token`` / ``positions`` are the first subject's."""
     clip: object
     sections: list                     # [[(token, weight), ...] x 77] per section, ComfyUI's tokenization
-    token: int                         # the placeholder's id
-    positions: list                    # (section, index) of every occurrence
+    tokens: list                       # the placeholders' ids, one per subject
+    occurrences: list                  # per subject: (section, index) of every occurrence
     _empty: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, clip, prompt: str, word: str) -> "PlaceholderPrompt":
+        return cls.of_words(clip, prompt, [word])
+
+    @classmethod
+    def of_words(cls, clip, prompt: str, words) -> "PlaceholderPrompt":
+        """The prompt with one placeholder word per subject; every word must be one token, the words distinct,
+        and each in the prompt."""
         _text_model(clip)  # refuse another CLIP family here, not in the middle of sampling
-        token = placeholder_token(clip, word)
+        tokens = [placeholder_token(clip, w) for w in words]
+        for k, t in enumerate(tokens):
+            if t in tokens[:k]:
+                raise PlaceholderError(f"two subjects use the placeholder {words[k].strip()!r}; give each subject its "
+                                       "own word (e.g. 'sks' and 'zwx') so each token has one place")
         sections = clip.tokenize(prompt)["l"]
-        positions = [(s, i) for s, section in enumerate(sections) for i, (t, _) in enumerate(section)
+        occurrences = []
+        for word, token in zip(words, tokens):
+            found = [(s, i) for s, section in enumerate(sections) for i, (t, _) in enumerate(section)
                      if isinstance(t, int) and t == token]
-        if not positions:
-            raise PlaceholderError(f"the prompt does not contain the placeholder word {word!r}; write it where the "
-                                   f"subject goes, e.g. 'a photo of {word.strip()} on the beach' (prompt: "
-                                   f"{prompt[:80]!r})")
-        return cls(clip, sections, token, positions)
+            if not found:
+                others = "" if len(words) == 1 else (" (every subject's placeholder must be in it: " +
+                                                     ", ".join(repr(w.strip()) for w in words) + ")")
+                raise PlaceholderError(f"the prompt does not contain the placeholder word {word.strip()!r}{others}; "
+                                       f"write it where the subject goes, e.g. 'a photo of {word.strip()} on the "
+                                       f"beach' (prompt: {prompt[:80]!r})")
+            occurrences.append(found)
+        return cls(clip, sections, tokens, occurrences)
+
+    @property
+    def token(self) -> int:
+        return self.tokens[0]
+
+    @property
+    def positions(self) -> list:
+        return self.occurrences[0]
+
+    def key_positions(self, subject: int = 0) -> list[int]:
+        """Subject ``subject``'s placeholder indices in the encoded context (77 tokens per section)."""
+        return [77 * s + i for s, i in self.occurrences[subject]]
 
     @property
     def weighted(self) -> bool:
@@ -74,32 +104,40 @@ class PlaceholderPrompt:
     def length(self) -> int:
         return 77 * len(self.sections)
 
-    def _rows(self, s_plus: torch.Tensor) -> list:
-        """Token rows for the encoder: for each subject b, layer a, section s, the section with S+[b, a] in
-        place of every placeholder occurrence."""
+    def _rows(self, s_plus: dict) -> list:
+        """Token rows for the encoder: for each image b, layer a, section s, the section with S+_k[b, a] of every
+        subject k given in place of its placeholder's occurrences (a subject not given keeps its word)."""
+        first = next(iter(s_plus.values()))
         rows = []
-        for b in range(s_plus.shape[0]):
-            for a in range(s_plus.shape[1]):
+        for b in range(first.shape[0]):
+            for a in range(first.shape[1]):
                 for s, section in enumerate(self.sections):
                     row = [t for t, _ in section]
-                    for ps, i in self.positions:
-                        if ps == s:
-                            row[i] = s_plus[b, a]
+                    for k, tokens in s_plus.items():
+                        for ps, i in self.occurrences[k]:
+                            if ps == s:
+                                row[i] = tokens[b, a]
                     rows.append(row)
         return rows
 
-    def encode(self, s_plus: torch.Tensor) -> torch.Tensor:
-        """``s_plus`` [B, l, 768] → contexts [B, l, 77*sections, 768], in one text-encoder call.
+    def encode(self, s_plus) -> torch.Tensor:
+        """``s_plus`` [B, l, 768] (the first subject's), or {subject: [B, l, 768]} for several, → contexts
+        [B, l, 77*sections, 768], in one text-encoder call.
 
         Prompt weights apply as ComfyUI applies them (each token interpolated from the empty prompt's
-        encoding), so the unpatched and the S+ contexts differ only through the placeholder."""
+        encoding), so the unpatched and the S+ contexts differ only through the placeholders."""
+        if isinstance(s_plus, torch.Tensor):
+            s_plus = {0: s_plus}
+        shapes = {tuple(t.shape[:2]) for t in s_plus.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"the subjects' S+ tokens differ in [images, layers]: {sorted(shapes)}")
         model = _text_model(self.clip)
         self.clip.cond_stage_model.reset_clip_options()
         if getattr(self.clip, "layer_idx", None) is not None:
             self.clip.cond_stage_model.set_clip_options({"layer": self.clip.layer_idx})
         device = model.transformer.get_input_embeddings().weight.device
-        b, layers = s_plus.shape[:2]
-        rows = self._rows(s_plus.to(device))
+        b, layers = shapes.pop()
+        rows = self._rows({k: t.to(device) for k, t in s_plus.items()})
         weighted = self.weighted
         if weighted and self._empty is None:
             rows.append(model.gen_empty_tokens(model.special_tokens, 77) if hasattr(model, "gen_empty_tokens")

@@ -76,10 +76,16 @@ class CustomContrastApply:
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                                 "Last part of the schedule where CustomContrast acts (1 = the last step)."}),
             },
+            "optional": {
+                "location": ("BOOLEAN", {"default": False, "tooltip":
+                             "Timestep-specific subject location (paper §3.4): the subject's attention map of "
+                             "each step (visual tokens + placeholder word, all layers) becomes the mask of those "
+                             "attentions at the next step. The first step runs unmasked."}),
+            },
         }
 
     def apply(self, model, clip, customcontrast, subject_embeds, prompt, placeholder, gamma, start_percent,
-              end_percent):
+              end_percent, location=False):
         require_sd15_unet(model, "CustomContrast", in_channels=(4,))
         validation.float_widgets(type(self), APPLY, gamma=gamma, start_percent=start_percent,
                                  end_percent=end_percent)
@@ -99,7 +105,7 @@ class CustomContrastApply:
         sampling = model.get_model_object("model_sampling")
         patch = CustomContrastPatch(customcontrast.encoder, customcontrast.visual_attention, slots, text, features,
                                     gamma, float(sampling.percent_to_sigma(start_percent)),
-                                    float(sampling.percent_to_sigma(end_percent)))
+                                    float(sampling.percent_to_sigma(end_percent)), location=bool(location))
         patched = model.clone()
         patch.install(patched)
         # the text encoder runs inside every step: ComfyUI loads it with the UNet

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..image_ops.point_features import patch_tokens
-from ..image_ops.point_mask import points_to_mask
+from ..image_ops.point_mask import select_subject
 from ..image_ops.point_parsing import FRACTIONS, PIXELS, batch_points
 from ..image_ops.point_preview import draw_preview
 from . import validation
@@ -80,9 +79,8 @@ class SC_PointsToMask:
         progress = comfy.utils.ProgressBar(batch)
         for index in range(batch):
             positives, negatives = points[index]
-            tokens, grid = patch_tokens(clip_vision, pixels[index:index + 1], layer, encoder_size)
-            mask = points_to_mask(tokens[0], grid, height, width, positives, negatives,
-                                  blur_sigma=blur_sigma, dilation_px=dilation_px)
+            mask = select_subject(clip_vision, pixels[index], positives, negatives, layer=layer,
+                                  encoder_size=encoder_size, blur_sigma=blur_sigma, dilation_px=dilation_px)
             masks.append(mask)
             previews.append(draw_preview(pixels[index], mask, positives, negatives))
             progress.update(1)

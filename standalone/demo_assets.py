@@ -71,9 +71,57 @@ def product_mask(size: tuple[int, int] = (256, 256)) -> Image.Image:
     return mask
 
 
+# EqDiff: three views of one toy cat (striped orange fur, green eyes) on different backgrounds, with their
+# masks; the subject photos of eqdiff_train_subject and the reference photo of eqdiff_stylized_subject.
+EQDIFF_VIEWS = (  # (centre x, centre y, head radius, background, floor)
+    (128, 112, 52, (90, 140, 200), (60, 100, 60)),
+    (100, 120, 44, (230, 220, 190), (150, 110, 80)),
+    (150, 104, 58, (70, 70, 80), (120, 120, 130)),
+)
+
+
+def _toy_cat(view: int, size: int, draw_photo: bool) -> Image.Image:
+    cx, cy, r, background, floor = (v * size // 256 if isinstance(v, int) else v for v in EQDIFF_VIEWS[view])
+    image = Image.new("RGB" if draw_photo else "L", (size, size), background if draw_photo else 0)
+    draw = ImageDraw.Draw(image)
+    fur, on = (235, 140, 40), 255
+    if draw_photo:
+        draw.rectangle([0, size * 3 // 4, size, size], fill=floor)
+    body = [cx - r, cy + r // 2, cx + r, cy + 2 * r + r // 3]
+    ears = [[(cx - r, cy - r // 4), (cx - r // 2, cy - r - r // 3), (cx - r // 8, cy - r + r // 8)],
+            [(cx + r, cy - r // 4), (cx + r // 2, cy - r - r // 3), (cx + r // 8, cy - r + r // 8)]]
+    for polygon in ears:
+        draw.polygon(polygon, fill=fur if draw_photo else on)
+    draw.ellipse(body, fill=fur if draw_photo else on)
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fur if draw_photo else on)
+    if draw_photo:  # the texture RRA should hold: dark stripes, green eyes, pink nose
+        for k in (-2, -1, 0, 1, 2):
+            x = cx + k * r // 3
+            draw.line([(x, cy - r + r // 6), (x, cy - r // 2)], fill=(120, 60, 20), width=max(2, r // 10))
+            draw.arc([body[0] + r // 4, body[1] + (k + 2) * r // 6, body[2] - r // 4, body[1] + (k + 2) * r // 6 + r],
+                     200, 340, fill=(120, 60, 20), width=max(2, r // 12))
+        for sx in (-1, 1):
+            ex = cx + sx * r * 2 // 5
+            draw.ellipse([ex - r // 7, cy - r // 7, ex + r // 7, cy + r // 7], fill=(60, 170, 60))
+            draw.ellipse([ex - r // 20, cy - r // 8, ex + r // 20, cy + r // 8], fill=(10, 10, 10))
+        draw.polygon([(cx - r // 10, cy + r // 4), (cx + r // 10, cy + r // 4), (cx, cy + r // 3)],
+                     fill=(230, 120, 140))
+    return image
+
+
+def eqdiff_cat(view: int, size: int = 256) -> Image.Image:
+    return _toy_cat(view, size, True)
+
+
+def eqdiff_cat_mask(view: int, size: int = 256) -> Image.Image:
+    return _toy_cat(view, size, False)
+
+
 DEMO_INPUTS = {"two_badges.png": two_badges_scene, "anylogo_logo.png": logo, "shirt_scene.png": shirt_scene,
                "shirt_region.png": shirt_region, "product_photo.png": product_photo,
-               "product_mask.png": product_mask}
+               "product_mask.png": product_mask,
+               **{f"eqdiff_cat_{i + 1}.png": (lambda i=i: eqdiff_cat(i)) for i in range(len(EQDIFF_VIEWS))},
+               **{f"eqdiff_cat_{i + 1}_mask.png": (lambda i=i: eqdiff_cat_mask(i)) for i in range(len(EQDIFF_VIEWS))}}
 
 
 EXAMPLE_INPUTS_DIR = Path(__file__).resolve().parent.parent / "example_inputs"

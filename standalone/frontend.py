@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .host import PACK_ROOT, find_comfyui
-from .stand_ins import LOADER_INPUTS, stand_in_file
+from .stand_ins import LOADER_INPUTS, prompt_embeddings, stand_in_file
 
 PACK_FOLDER_NAME = "comfyui-subject-customization"  # the name the README's clone line and ComfyUI-Manager use
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -67,7 +67,7 @@ def workflow_weights(prompt: dict) -> set[tuple[str, str]]:
             value = node["inputs"].get(input_name)
             if node["class_type"] == node_type and isinstance(value, str):
                 wanted.add((folder, value))
-    return wanted
+    return wanted | prompt_embeddings(prompt)
 
 
 def prepare_base_directory(base: Path, api_workflows: list[dict], cache: Path | None = None) -> Path:

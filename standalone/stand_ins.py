@@ -6,6 +6,7 @@ weights; only the numbers are meaningless.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def stand_in_file(folder: str, wanted: str, cache: Path | None = None) -> Path:
         path = cache / folder / "random_anylogo_sd15_inpainting.safetensors"
         tiny_models.build_anylogo_weights(path, inpainting=True)
         return path
+    if folder in EQDIFF_STAND_INS:
+        return EQDIFF_STAND_INS[folder](cache)
     raise KeyError(f"no stand-in is known for the model folder {folder!r}")
 
 
@@ -95,3 +98,84 @@ def cap_for_stand_ins(prompt: dict) -> tuple[dict, list[str]]:
                 node["inputs"][input_name] = cap
                 notes.append(f"node {node_id} {node_type}.{input_name}: {value} -> {cap}")
     return prompt, notes
+
+
+# ---- EqDiff: the three files a trained subject leaves (models/eqdiff, models/loras, models/embeddings) ---------
+# Built from the tiny SD1.5 checkpoint in the formats the trainer exports (the pack's own save functions and key
+# forms), with seeded random values: the stock LoRA loader and text encoder and EqDiff Loader/Apply take the same
+# path as with a trained subject. An embedding is named in the prompt text (`embedding:NAME`), not by a loader
+# input, so `prompt_embeddings` finds those names for the frontend's base directory.
+LOADER_INPUTS.update({("SC_EqDiffLoader", "weights_name"): "eqdiff",
+                      ("LoraLoaderModelOnly", "lora_name"): "loras",
+                      ("SC_EqDiffTrainSubject", "ckpt_name"): "checkpoints"})
+# the trainer node's run length; the stand-in checkpoint makes its result meaningless anyway
+SPEED_CAPS.update({("SC_EqDiffTrainSubject", "steps"): 2, ("SC_EqDiffTrainSubject", "resolution"): 64,
+                   ("SC_EqDiffTrainSubject", "num_class_images"): 1,
+                   ("SC_EqDiffTrainSubject", "class_image_steps"): 1, ("SC_EqDiffApply", "reference_size"): 128})
+
+
+def _tiny_sd15(cache: Path) -> Path:
+    return tiny_models.build_sd15_checkpoint(cache / "checkpoints" / "tiny_sd15.safetensors")
+
+
+def _eqdiff_stand_in(cache: Path) -> Path:
+    path = cache / "eqdiff" / "random_eqdiff_sd15.safetensors"
+    if not path.exists():
+        import comfy.sd
+
+        from .tiny_eqdiff import build_eqdiff_weights
+
+        model = comfy.sd.load_checkpoint_guess_config(str(_tiny_sd15(cache)), output_vae=False,
+                                                      output_clip=False)[0]
+        build_eqdiff_weights(path, model)
+    return path
+
+
+def _eqdiff_kv_stand_in(cache: Path, seed: int = 0) -> Path:
+    """K/V weight differences under the exported keys (diffusion_model.….attn2.to_k/to_v.diff)."""
+    path = cache / "loras" / "random_eqdiff_kv.safetensors"
+    if not path.exists():
+        import safetensors
+        import torch
+
+        from model_patches.custom_diffusion import diff_key
+        from model_patches.weight_files import save_weights
+
+        generator = torch.Generator().manual_seed(seed)
+        tensors = {}
+        with safetensors.safe_open(str(_tiny_sd15(cache)), framework="pt") as f:
+            for key in sorted(f.keys()):
+                if key.startswith("model.diffusion_model.") and (key.endswith(".attn2.to_k.weight")
+                                                                  or key.endswith(".attn2.to_v.weight")):
+                    shape = f.get_slice(key).get_shape()
+                    tensors[diff_key(key[len("model."):])] = torch.randn(shape, generator=generator) * 0.01
+        save_weights(path, tensors, {"method": "eqdiff-kv", "loader": "LoraLoaderModelOnly",
+                                     "tiny_model": "random-eqdiff-kv"})
+    return path
+
+
+def _eqdiff_embedding_stand_in(cache: Path, seed: int = 0) -> Path:
+    """A stock textual-inversion file {"clip_l": [1, 768]} (the summed token S*_LF + S*_HF)."""
+    path = cache / "embeddings" / "random_eqdiff_embedding.safetensors"
+    if not path.exists():
+        import torch
+
+        from model_patches.weight_files import save_weights
+
+        vector = torch.randn(1, 768, generator=torch.Generator().manual_seed(seed)) * 0.02
+        save_weights(path, {"clip_l": vector}, {"method": "eqdiff-embedding", "band": "original",
+                                                "tiny_model": "random-eqdiff-embedding"})
+    return path
+
+
+EQDIFF_STAND_INS = {"eqdiff": _eqdiff_stand_in, "loras": _eqdiff_kv_stand_in,
+                    "embeddings": _eqdiff_embedding_stand_in}
+EMBEDDING_IN_TEXT = re.compile(r"embedding:([A-Za-z0-9_.-]+)")
+
+
+def prompt_embeddings(prompt: dict) -> set[tuple[str, str]]:
+    """("embeddings", file name) of every `embedding:NAME` in a CLIPTextEncode text of the prompt."""
+    return {("embeddings", name if name.endswith(".safetensors") else f"{name}.safetensors")
+            for node in prompt.values() if node["class_type"] == "CLIPTextEncode"
+            and isinstance(node["inputs"].get("text"), str)
+            for name in EMBEDDING_IN_TEXT.findall(node["inputs"]["text"])}

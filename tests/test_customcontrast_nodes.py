@@ -134,3 +134,29 @@ def test_lora_and_controlnet_reach_the_patched_model(kit, tiny_cache_dir, tmp_pa
 
     assert not torch.equal(kit.sample(kit.apply(), control=control(1.0)), base)
     assert torch.equal(kit.sample(kit.apply(), control=control(0.0)), base)
+
+
+def test_location_mask_of_each_step_is_the_map_of_the_step_before(kit):
+    """Recorded trace of a 3-step run with location on: the first call runs unmasked (and equals location off
+    exactly), call k uses the mask made from call k-1's aggregated map — not its own map, not none — and the
+    masks change the result."""
+    from model_patches.customcontrast import ATTACHMENT
+    from model_patches.customcontrast_location import location_mask
+
+    off, on = kit.apply(), kit.apply(location=True)
+    assert torch.equal(kit.sample(on, steps=1), kit.sample(off, steps=1))  # step 1: recording only, no mask
+    trace = on.get_attachment(ATTACHMENT).trace()
+    trace.history = []
+    located = kit.sample(on, steps=3)
+    assert len(trace.history) == 3
+    used0, made0 = trace.history[0]
+    assert used0 == {} and set(made0) == {0}
+    for k in (1, 2):
+        used, made = trace.history[k]
+        previous = location_mask(trace.history[k - 1][1][0])
+        assert torch.equal(used[0], previous)                            # the map of step t+1 ...
+        assert not torch.allclose(used[0], location_mask(made[0]), atol=1e-3)   # ... not step t's own
+        assert used[0].min() == 0 and used[0].max() == 1                 # a real mask, not ones
+    assert not torch.equal(located, kit.sample(off, steps=3))
+    trace.history = None
+    assert torch.equal(kit.sample(on, steps=3), located)                 # nothing carried over between runs

@@ -134,3 +134,107 @@ def test_the_lossy_encoder_view_keeps_block_means_only():
     assert coarse.shape == glyphs.shape
     assert torch.allclose(coarse[:, :, :4, :4], glyphs[:, :, :4, :4].mean(dim=(2, 3), keepdim=True).expand(-1, -1, 4, 4))
     assert torch.allclose(coarse.mean(dim=(2, 3)), glyphs.mean(dim=(2, 3)), atol=1e-6)
+
+
+def test_the_selectivity_probe_computes_its_equation_and_is_uniform_for_content_blind_queries():
+    from lab.attention_probe import attention_statistics, region_tokens
+
+    g = torch.Generator().manual_seed(0)
+    q, k, k_sub = torch.randn(2, 4, 6, generator=g), torch.randn(2, 4, 6, generator=g), torch.randn(2, 2, 6, generator=g)
+    region = torch.tensor([[True, False, False, True], [False, True, True, True]])
+    stats = attention_statistics(q, k, k_sub, heads=2, region=region)
+    # reference: per head, softmax over [k; k_sub], written out with explicit loops
+    shares, entropies, inside = [], [], []
+    for b in range(2):
+        for h in range(2):
+            for i in range(4):
+                logits = torch.stack([q[b, i, 3 * h:3 * h + 3] @ key[3 * h:3 * h + 3] / 3 ** 0.5
+                                      for key in torch.cat([k[b], k_sub[b]])])
+                p = logits.softmax(0)
+                within = p[4:] / p[4:].sum()
+                shares.append(float(p[4:].sum()))
+                entropies.append(float(-(within * within.log()).sum() / torch.log(torch.tensor(2.0))))
+                inside.append(bool(region[b, i]))
+    mean = lambda xs, sel: sum(x for x, s in zip(xs, inside) if s == sel) / sum(1 for s in inside if s == sel)  # noqa: E731
+    assert stats["region_share"] == pytest.approx(mean(shares, True), abs=1e-5)  # float32 vs float32: rounding
+    assert stats["outside_share"] == pytest.approx(mean(shares, False), abs=1e-5)
+    assert stats["subject_entropy"] == pytest.approx(mean(entropies, True), abs=1e-5)
+    assert stats["key_ratio"] == pytest.approx(2 / 6)
+    blind = attention_statistics(torch.zeros(2, 4, 6), k, k_sub, heads=2, region=region)  # zero queries: uniform
+    assert blind["region_share"] == pytest.approx(2 / 6, abs=1e-6) and blind["subject_entropy"] == pytest.approx(1.0, abs=1e-6)
+    assert blind["content_entropy"] == pytest.approx(1.0, abs=1e-6)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 4:8] = 1
+    assert region_tokens(mask, 16).view(4, 4).int().tolist() == [[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0]]
+
+
+def test_the_probe_reads_the_recycled_layers_without_changing_the_generation():
+    from lab import anylogo_data
+    from lab.attention_probe import ProbedLayout, SelectivityStats
+    from lab.micro_models import MICRO_DINOV2
+    from model_patches.image_context import ImageContextPatch, ImageProjection
+    from train.anylogo_step import RecyclingLayout, anylogo_forward
+
+    model, _ = build_micro_model(seed=1)
+    data = anylogo_data.build(S.make_pairs(2, S.HELD_OUT_SUBJECTS, 2, seed=2), build_micro_image_encoder(seed=0))
+    layout = RecyclingLayout.of(model, "decoder", False, len(data.tokens))
+    projection = ImageProjection(MICRO_DINOV2["hidden_size"], layout.context_dim)
+    g = torch.Generator().manual_seed(4)
+    sigma = model.model_sampling.sigmas[[500, 800]].float()
+    x = data.z0 + torch.randn(data.z0.shape, generator=g) * sigma.view(-1, 1, 1, 1)
+    subject_noise = torch.randn(data.subject.shape, generator=g)
+    stats = SelectivityStats()
+    with torch.no_grad():
+        outs = [anylogo_forward(model, lay, x, sigma, data.concat, data.subject, subject_noise,
+                                ImageContextPatch(projection, data.tokens, layout.group_of))
+                for lay in (layout, ProbedLayout(layout, stats, data.concat[:, :1]))]
+    assert torch.equal(outs[0], outs[1])
+    assert sorted(stats.per_layer()) == ["output0.0", "output1.0", "output2.0", "output3.0"]
+    assert 0 < stats.overall()["region_share"] < 1 and stats.overall()["key_ratio"] == pytest.approx(0.2)
+
+
+def test_pretraining_inputs_hide_show_or_blank_the_region_per_row():
+    from lab import anylogo_data
+    from lab.pretraining import pretrain_step_inputs
+
+    data = anylogo_data.build(S.make_pairs(3, S.TRAIN_SUBJECTS, 3, seed=5), build_micro_image_encoder(seed=0))
+    concat = pretrain_step_inputs(data.z0, data.concat, torch.tensor([0, 1, 2]))
+    assert torch.equal(concat[0], data.concat[0])                                        # the region hidden
+    assert torch.equal(concat[1, 0], torch.zeros(8, 8)) and torch.equal(concat[1, 1:], data.z0[1])  # all known
+    assert torch.equal(concat[2, 0], torch.ones(8, 8)) and torch.equal(concat[2, 1:], torch.zeros(4, 8, 8))
+
+def test_textured_subjects_keep_the_glyph_shape_and_add_a_texture_on_its_foreground():
+    for i in (0, 7, S.HELD_OUT_SUBJECTS[3]):
+        glyph, textured = S.subject(i), S.textured_subject(i)
+        assert torch.equal(textured, S.textured_subject(i)) and textured.abs().max() <= 1
+        changed = textured != glyph
+        levels = glyph.unique()
+        assert len(levels) == 2  # a glyph is two levels; the texture moves one of them only
+        assert any(not (changed & (glyph == level)).any() for level in levels)
+        assert changed.any() and (textured - glyph).abs().max() <= 0.3 + 1e-6
+    scene = S.place(torch.zeros(1, 16, 16), S.textured_subject(1), 4, 6)
+    assert torch.equal(scene[:, 4:12, 6:14], S.textured_subject(1)) and scene[:, :4].abs().max() == 0
+    mask = S.box_mask((16, 16), 4, 6)
+    assert mask.shape == (1, 16, 16) and mask.sum() == 64 and mask[0, 4:12, 6:14].min() == 1
+
+
+def test_the_micro_text_encoder_is_comfyuis_clip_and_takes_a_learned_vector_at_the_placeholder():
+    import comfy.sd
+
+    from model_patches import eqdiff_tokens as fdte
+    from lab.micro_models import build_micro_text_encoder
+
+    clip = build_micro_text_encoder(seed=0)
+    assert isinstance(clip, comfy.sd.CLIP)
+    plain = clip.encode_from_tokens(clip.tokenize("a photo of sks toy"))
+    assert plain.shape == (1, 77, 64) and torch.isfinite(plain).all()
+    again = build_micro_text_encoder(seed=0).encode_from_tokens(clip.tokenize("a photo of sks toy"))
+    assert torch.equal(plain, again)  # seeded
+    (position,) = fdte.placeholder_positions(clip, "a photo of sks toy", "sks")
+    vector = torch.randn(64, requires_grad=True)
+    with_vector = fdte.encode_with_vector(clip, "a photo of sks toy", "sks", vector)
+    # causal text attention: the positions before the placeholder are unchanged, from it on they change
+    assert torch.allclose(with_vector[0, :position], plain[0, :position], atol=1e-5)
+    assert not torch.allclose(with_vector[0, position], plain[0, position], atol=1e-3)
+    (with_vector * torch.randn_like(with_vector)).sum().backward()
+    assert vector.grad.abs().sum() > 0  # the gradient reaches the vector (textual inversion can train)

@@ -351,3 +351,23 @@ def test_the_command_names_a_missing_lpips_file(comfy, tmp_path, capsys):
                         "alex_lpips.safetensors", "--out", str(tmp_path / "out"), "--no-progress"])
     assert rc == 2 and "LPIPS weights file not found: alex_lpips.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_refuses_a_wrong_or_corrupt_vision_file_with_the_trainers_message(clip, dino, tmp_path, capsys):
+    from train import evaluate
+
+    files = _vision_files(tmp_path, clip, dino)
+    (tmp_path / "g").mkdir()
+    _save_png(images(1, 40, 40, 3)[0], tmp_path / "g" / "a.png")
+    base = ["--generated", str(tmp_path / "g"), "--references", str(tmp_path / "g"), "--no-progress",
+            "--out", str(tmp_path / "out")]
+    # DINOv2 weights where CLIP vision is asked for: the kind check names both
+    assert evaluate.main(base + ["--clip-vision", files["dino"][0], "--clip-vision-config", files["dino"][1]]) == 2
+    err = capsys.readouterr().err
+    assert "CLIP" in err and "DINOv2" in err
+    # a truncated file: says which file and what was expected
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    assert evaluate.main(base + ["--dinov2", str(tmp_path / "broken.safetensors"),
+                                 "--dinov2-config", files["dino"][1]]) == 2
+    err = capsys.readouterr().err
+    assert "broken.safetensors" in err and "DINOv2" in err

@@ -7,83 +7,27 @@ the node's CLIP alike: S+ runs the text encoder once per cross-attention layer a
 saved as a file with its config, a small MFI encoder. One in-process run of 2 steps feeds the model-level tests.
 """
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from standalone import tiny_models
 from standalone.tiny_models import shallow_text_encoder
 from train import customcontrast_data as data
 from train.config import parse_command_line
 from train.distributed import DistInfo
 from train.engine import Trainer
 from train.manifest import ManifestError, read_manifest
-from train.prepare_manifest import cli
 
-COLOURS = [(230, 30, 30), (30, 200, 40), (40, 40, 220)]
-
-
-class ShallowTextMethod:
-    """The trainer's method with the 2-block text encoder (what the test's node side uses too)."""
-
-    @staticmethod
-    def make():
-        from train.customcontrast import CustomContrastMethod
-
-        class Shallow(CustomContrastMethod):
-            def build(self, ctx):
-                shallow_text_encoder(ctx.base.clip)
-                return super().build(ctx)
-
-        return Shallow
-
-
-def _png(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
-
-
-def write_views(folder: Path, views=(2, 2, 2), seed=0):
-    rng = np.random.default_rng(seed)
-    for s, count in enumerate(views):
-        for v in range(count):
-            img = np.zeros((64, 64, 3), np.uint8)
-            img[:] = rng.integers(60, 200, 3)
-            y, x = rng.integers(4, 30, 2)
-            img[y:y + 24, x:x + 24] = COLOURS[s % 3]
-            mask = np.zeros((64, 64), np.uint8)
-            mask[y:y + 24, x:x + 24] = 255
-            _png(folder / f"s{s}" / f"v{v}.png", img)
-            _png(folder / f"s{s}" / f"v{v}_mask.png", mask)
-            (folder / f"s{s}" / f"v{v}.txt").write_text("a photo of sks on a table")
-    return folder
+sys.path.append(str(Path(__file__).resolve().parent))
+from customcontrast_tiny import CAPTIONS, ShallowTextMethod, _png, write_config, write_files, write_views  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from model_patches.weight_files import save_weights
-
-    folder = write_views(tmp_path_factory.mktemp("cc_data"))
-    assert cli([str(folder), "--out", str(folder / "manifest.jsonl"), "--method", "customcontrast"]) == 0
-    clip = tiny_models.tiny_clip_vision(seed=0)
-    save_weights(folder / "clip.safetensors", {k: v.contiguous() for k, v in clip.get_sd().items()}, {"t": "clip"})
-    (folder / "clip.json").write_text(json.dumps(tiny_models.TINY_CLIP_VISION_CONFIG))
-    return folder
-
-
-def write_config(path, model_dirs, folder, **overrides):
-    import yaml
-
-    values = {"base_checkpoint": str(model_dirs["checkpoints"] / "tiny_sd15.safetensors"),
-              "manifest": str(folder / "manifest.jsonl"), "clip_vision": str(folder / "clip.safetensors"),
-              "clip_vision_config": str(folder / "clip.json"), "resolution": 64, "batch_size": 4,
-              "learning_rate": 1e-3, "encoder_dim": 32, "visual_tokens": 4, "encoder_depth": 2, "encoder_heads": 4,
-              "fourier_bands": 8, "progress": False, "steps": 2, "checkpoint_every": 2, **overrides}
-    Path(path).write_text(yaml.safe_dump(values))
-    return path
+    return write_files(tmp_path_factory.mktemp("cc_data"))
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -91,7 +35,7 @@ def write_config(path, model_dirs, folder, **overrides):
 def test_prepare_manifest_groups_views_by_subject_folder(files):
     rows = [json.loads(line) for line in (files / "manifest.jsonl").read_text().splitlines()]
     assert sorted(r["subject"] for r in rows) == ["s0", "s0", "s1", "s1", "s2", "s2"]
-    assert all(r["mask"].endswith("_mask.png") and r["caption"] == "a photo of sks on a table" for r in rows)
+    assert all(r["mask"].endswith("_mask.png") and r["caption"] == CAPTIONS[int(r["image"][-5]) % 2] for r in rows)
 
 
 def test_manifest_errors_name_the_lines(tmp_path):
@@ -173,7 +117,7 @@ def test_the_loss_is_ldm_plus_weighted_contrastive_and_location_terms(trained):
     """Eq. 9 against its parts computed here from the same forward: eps-MSE, Eq. 4 and Eq. 7 on the encoder's
     outputs, L_loc on the recorded map (float32, same operations; rtol 1e-6)."""
     from model_patches.customcontrast_losses import appearance_factors, cscl_loss, location_loss, macl_loss
-    from train.customcontrast_step import customcontrast_forward, customcontrast_loss, placeholder_recorder
+    from train.customcontrast_step import customcontrast_forward, customcontrast_loss
     from train.diffusion import noised
 
     trainer = trained["trainer"]
@@ -181,25 +125,24 @@ def test_the_loss_is_ldm_plus_weighted_contrastive_and_location_terms(trained):
     model = ctx.base.model
     batch = method.collate([trainer.dataset[i] for i in range(4)])
     inputs = method.step_inputs(batch, ctx)
+    assert len({tuple(p.key_positions(0)) for p in inputs.prompts}) == 2  # two placeholder positions in the batch
     sigma = model.model_sampling.sigmas[[100, 400, 700, 900]].float()
     noise = torch.randn(inputs.z0.shape, generator=torch.Generator().manual_seed(3))
-    total, parts = customcontrast_loss(model, method.slots, method.encoder, method.visual, inputs, sigma, noise,
-                                       method.weights)
+    total, parts = customcontrast_loss(method.patch, method.patched, inputs, sigma, noise, method.weights)
     x = noised(model, inputs.z0, noise, sigma)
-    recorder = placeholder_recorder(inputs.prompts)
-    out, state = customcontrast_forward(model, method.slots, method.encoder, method.visual, x, sigma, inputs,
-                                        recorder=recorder)
+    out, state = customcontrast_forward(method.patch, method.patched, x, sigma, inputs)
     ldm = ((x - out) / sigma.view(-1, 1, 1, 1) - noise).square().mean()
     o = state.outputs
     l_c = cscl_loss(o.visual_cls, o.text_cls)
-    l_m = macl_loss(o.s_plus, appearance_factors(inputs.appearance, 0.05), inputs.subjects, 0.07)
-    l_loc = location_loss(recorder.aggregate(8, 8), inputs.masks)
+    l_m = macl_loss(o.s_plus, appearance_factors(inputs.appearance, 0.25), inputs.subjects, 0.07)
+    l_loc = location_loss(state.recorder.aggregated(0, size=(8, 8)), inputs.masks)
     want = ldm + 1e-2 * (l_c + l_m) + 1e-3 * l_loc
     for name, value in (("ldm", ldm), ("cscl", l_c), ("macl", l_m), ("loc", l_loc)):
         torch.testing.assert_close(parts[name], value.detach(), rtol=1e-6, atol=0, msg=name)
     torch.testing.assert_close(total.detach(), want.detach(), rtol=1e-6, atol=0)
-    assert float(l_c) > 0 and float(l_loc) != 0  # the terms are there, not zero by construction
+    assert float(l_c.detach()) > 0 and float(l_loc.detach()) != 0  # the terms are there, not zero by construction
     assert method.weights.contrastive == 1e-2 and method.weights.location == 1e-3
+    assert method.weights.min_similarity == 0.25
 
 
 def test_export_metadata_and_what_trains(trained):
@@ -247,11 +190,86 @@ def test_the_trainer_forward_equals_the_apply_path_loaded_from_the_export(traine
     with torch.no_grad():
         node = patched.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
         inputs.context = context
-        ours, _ = customcontrast_forward(ctx.base.model, method.slots, method.encoder, method.visual, x, sigma,
-                                         inputs, cond_or_uncond=(1, 0))
+        ours, _ = customcontrast_forward(method.patch, method.patched, x, sigma, inputs, cond_or_uncond=(1, 0))
         plain = patched.model.apply_model(x, sigma, c_crossattn=context, transformer_options={})
     scale = float(node.abs().max())
     torch.testing.assert_close(ours, node, atol=1e-5 * scale, rtol=1e-5)
     torch.testing.assert_close(node[0], plain[0], atol=1e-6 * scale, rtol=0)  # uncond row: untouched (batched kernel)
     assert float((node[1] - plain[1]).abs().max()) > 1e-4 * scale        # cond row: CustomContrast acts
 
+
+
+def test_per_row_placeholder_positions_equal_each_row_computed_alone():
+    """A training batch mixes captions, so the shared location functions take one list of placeholder keys per
+    row: each row's map and masked attention equal that row computed alone with its own keys (float32, the same
+    operations per row; rtol 1e-6). Rows of different lengths are padded with zero-probability columns."""
+    from model_patches import customcontrast_location as location
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 8, generator=g) for _ in range(3))
+    keep = torch.rand(2, 6, generator=g)
+    per_row = location.key_positions(6, 3, [[1], [0, 2]])
+    assert per_row == [[1, 4], [0, 2, 3, 5]]
+    probabilities = location.placeholder_probabilities(q, k, 2, per_row)
+    text = torch.randn(2, 6, 8, generator=g)
+    masked = location.mask_placeholder(text, probabilities, v, per_row, keep, 2)
+    for r, indices in enumerate(per_row):
+        alone = location.placeholder_probabilities(q[r:r + 1], k[r:r + 1], 2, indices)
+        torch.testing.assert_close(location.placeholder_map(probabilities[r:r + 1]), location.placeholder_map(alone),
+                                   rtol=1e-6, atol=0)
+        want = location.mask_placeholder(text[r:r + 1], alone, v[r:r + 1], indices, keep[r:r + 1], 2)
+        torch.testing.assert_close(masked[r:r + 1], want, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(probabilities[0, ..., :2], probabilities[1, ..., :2])  # the rows' keys really differ
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(trained):
+    """With every UNet block checkpointed, the attention (and its location maps) runs again in backward; the
+    shared recorder, closed once Ā is read, ignores the replay, so loss and gradients equal the plain run's
+    (float32, the same operations recomputed; rtol 1e-5 for the recomputation's summation order)."""
+    from train.customcontrast_step import customcontrast_loss
+    from train.grad_checkpoint import enable_gradient_checkpointing
+
+    trainer = trained["trainer"]
+    method, ctx = trainer.method, trainer.ctx
+    inputs = method.step_inputs(method.collate([trainer.dataset[i] for i in range(4)]), ctx)
+    sigma = ctx.base.model.model_sampling.sigmas[[100, 400, 700, 900]].float()
+    noise = torch.randn(inputs.z0.shape, generator=torch.Generator().manual_seed(5))
+    params = [p for p in trainer.params]
+
+    def run():
+        total, _ = customcontrast_loss(method.patch, method.patched, inputs, sigma, noise, method.weights)
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        return total.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    plain_loss, plain = run()
+    handle = enable_gradient_checkpointing(ctx.base.unet)
+    assert handle.modules  # every ResBlock and transformer block now recomputes in backward
+    try:
+        loss, grads = run()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=0)
+    for g, want in zip(grads, plain):
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6 * float(want.abs().max() + 1e-12))
+    assert any(float(g.abs().max()) > 0 for g in plain)
+
+
+def test_the_paper_settings_are_the_defaults_and_the_shipped_config(trained):
+    """λ1 1e-2, λ2 1e-3, lr 3e-5 by default and in train/configs/customcontrast_sd15.yaml (which also asks for
+    bf16 autocast and gradient checkpointing on GPU); the UNet, the text encoder and CLIP vision are frozen."""
+    import yaml
+
+    from train.customcontrast import CustomContrastConfig
+
+    defaults = CustomContrastConfig()
+    assert (defaults.contrastive_weight, defaults.location_weight, defaults.learning_rate) == (1e-2, 1e-3, 3e-5)
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "train" / "configs" /
+                              "customcontrast_sd15.yaml").read_text())
+    assert (shipped["contrastive_weight"], shipped["location_weight"], shipped["learning_rate"]) == (1e-2, 1e-3, 3e-5)
+    assert shipped["mixed_precision"] == "bf16" and shipped["gradient_checkpointing"] is True
+    assert shipped["steps"] == 200000 and shipped["encoder_depth"] == 4
+    trainer = trained["trainer"]
+    base = trainer.ctx.base
+    trained_ids = {id(p) for p in trainer.params}
+    for module in (base.unet, base.clip.cond_stage_model, trainer.method.clip_vision.model):
+        assert not any(p.requires_grad or id(p) in trained_ids for p in module.parameters())

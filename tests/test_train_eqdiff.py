@@ -247,3 +247,84 @@ def test_a_resumed_run_reproduces_the_uninterrupted_one(trained, tmp_path, model
         resumed = safetensors.torch.load_file(str(out / name))
         whole = safetensors.torch.load_file(str(trained["out"] / name))
         assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole), name
+
+
+# ---- masks from clicked points (a manifest row with positive_points / negative_points and no mask) ------------
+
+def _points_test_module():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("eqdiff_points_support",
+                                                  Path(__file__).parent / "test_points_node.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def clicked(tmp_path_factory, model_dirs, subject_folder, comfy):
+    """A photo of two look-alike boxes, the feature-built CLIP of the Points to Mask tests saved as a user's file,
+    and a method configured with it."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from model_patches.weight_files import save_weights
+    from standalone import tiny_models
+
+    pts = _points_test_module()
+    folder = tmp_path_factory.mktemp("eqdiff_points")
+    weights, config = folder / "feature_clip.safetensors", folder / "feature_clip.json"
+    save_weights(weights, {k: v.contiguous() for k, v in pts.feature_clip().get_sd().items()}, {"tiny_model": "x"})
+    config.write_text(json.dumps(tiny_models.TINY_CLIP_VISION_CONFIG))
+    photo = folder / "twins.png"
+    Image.fromarray((pts.scene([pts.LEFT, pts.RIGHT_APART])[0].numpy() * 255).round().astype(np.uint8)).save(photo)
+    cfg = write_config(folder / "cfg.yaml", model_dirs, subject_folder / "manifest.jsonl", clip_vision=str(weights),
+                       clip_vision_config=str(config))
+    parsed, _ = parse_command_line(EqDiffConfig, ["--config", str(cfg), "--output_dir", str(folder / "out")])
+    return {"pts": pts, "photo": photo, "method": EqDiffMethod(parsed)}
+
+
+def test_a_mask_from_points_is_the_points_to_mask_nodes_mask(clicked, pack_nodes):
+    import numpy as np
+    from PIL import Image
+
+    from train.eqdiff_data import SubjectDataset, square_mask
+
+    pts = clicked["pts"]
+    positive, negative = "%d,%d" % pts.centre(pts.LEFT), "%d,%d" % pts.centre(pts.RIGHT_APART)
+    row = {"image": str(clicked["photo"]), "positive_points": positive, "negative_points": negative, "_line": 1}
+    made = clicked["method"]._masks_from_points([row])[0]
+    # the node on the very pixels the trainer read from the PNG
+    image = torch.from_numpy(np.asarray(Image.open(clicked["photo"]).convert("RGB"), dtype=np.float32) / 255)[None]
+    expected = pts.run(pack_nodes["SC_PointsToMask"](), image, positive, negative)[0][0]
+    assert torch.equal(made, expected)
+    assert pts.iou(made, pts.LEFT) > 0.9  # the clicked box, not its twin (the node's own tests hold it there)
+    # the dataset crops it like a mask file: nearest resize of the same square
+    dataset = SubjectDataset([row], 64, {0: made})
+    pil = Image.fromarray((made.numpy() * 255).astype(np.uint8), mode="L")
+    assert torch.equal(dataset[0]["mask"], (square_mask(pil, 64) > 0.5).float())
+
+
+@pytest.mark.parametrize("positive,negative,message", [
+    ("9999,10", "", "manifest line 3 .*outside"),
+    ("", "20,20", "manifest line 3 .*positive"),
+])
+def test_bad_points_are_refused_with_the_manifest_line(clicked, positive, negative, message):
+    from train.config import ConfigError
+
+    row = {"image": str(clicked["photo"]), "positive_points": positive, "negative_points": negative, "_line": 3}
+    with pytest.raises(ConfigError, match=message):
+        clicked["method"]._masks_from_points([row])
+
+
+def test_points_without_a_clip_vision_file_are_refused(clicked, model_dirs, subject_folder, tmp_path):
+    from train.config import ConfigError
+
+    cfg = write_config(tmp_path / "cfg.yaml", model_dirs, subject_folder / "manifest.jsonl")
+    parsed, _ = parse_command_line(EqDiffConfig, ["--config", str(cfg), "--output_dir", str(tmp_path / "out")])
+    row = {"image": str(clicked["photo"]), "positive_points": "10,10", "_line": 2}
+    with pytest.raises(ConfigError, match="manifest line 2 gives points.*clip_vision is required"):
+        EqDiffMethod(parsed)._masks_from_points([row])

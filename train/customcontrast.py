@@ -38,7 +38,7 @@ from model_patches.unet_layout import transformer_slots
 from . import customcontrast_data as data
 from .base_model import BaseModelError, load_vision_encoder
 from .config import ConfigError, TrainConfig, option
-from .customcontrast_step import LossWeights, StepInputs, customcontrast_loss, latent_mask
+from .customcontrast_step import LossWeights, StepInputs, batch_patch, customcontrast_loss, latent_mask
 from .diffusion import LatentCache, TextCache, draw_sigmas
 from .distributed import mix_seed
 from .engine import run
@@ -58,6 +58,7 @@ class CustomContrastConfig(TrainConfig):
                                "ViT-L/14: 3 layers, §3.2), 'default' (CLIP Hierarchical Encode's), or a comma list")
     subject_fit: str = option("center_crop", "how the segmented view is squared for CLIP (CLIP Hierarchical "
                               "Encode's fit, which the Apply node's embeds must use too)", choices=tuple(FITS))
+    learning_rate: float = option(3e-5, "peak learning rate of AdamW (the paper's 3e-5)", minimum=0.0)
     placeholder: str = option("sks", "the caption word that stands for the subject (one CLIP token)")
     resolution: int = option(512, "side of the square view the UNet denoises (centre crop; a multiple of 8)",
                              minimum=8)
@@ -66,8 +67,10 @@ class CustomContrastConfig(TrainConfig):
     contrastive_weight: float = option(1e-2, "λ1: weight of CSCL + MACL (Eq. 9)", minimum=0.0)
     location_weight: float = option(1e-3, "λ2: weight of L_loc (Eq. 9)", minimum=0.0)
     temperature: float = option(0.07, "τ of MACL (Eq. 7)", minimum=1e-6)
-    min_similarity: float = option(0.05, "r_ij is clamped at this before α = 1/r (a non-positive similarity "
-                                   "would flip the factor)", minimum=1e-6)
+    min_similarity: float = option(0.25, "r_ij is clamped at this before α = 1/r (α <= 4): a non-positive "
+                                   "similarity would flip the factor, a small one swamp MACL's softmax (Eq. 7 has "
+                                   "no clamp; CLIP ViT-L cosines of object crops are rarely below it)",
+                                   minimum=1e-6)
     encoder_dim: int = option(768, "width of the Q-Formers", minimum=8)
     visual_tokens: int = option(16, "m: visual tokens of the visual cross-attention", minimum=1)
     encoder_depth: int = option(4, "Perceiver-attention layers per Q-Former (4 in the paper)", minimum=1)
@@ -139,6 +142,7 @@ class CustomContrastMethod(TrainingMethod):
         self.latents = LatentCache(ctx.base.vae, ctx.base.model, enabled=cfg.cache_inputs)
         self.texts = TextCache(clip)
         self.cache = {}
+        self.patch = self.patched = None  # installed on a MODEL clone once the captions are known (make_dataset)
         named = {f"encoder.{n}": p for n, p in self.encoder.named_parameters()}
         named.update({f"visual.{n}": p for n, p in self.visual.layers.named_parameters()})
         return named
@@ -153,6 +157,9 @@ class CustomContrastMethod(TrainingMethod):
                     self.prompts[caption] = PlaceholderPrompt.of(ctx.base.clip, caption, self.config.placeholder)
                 except PlaceholderError as e:
                     raise ManifestError(f"line {row['_line']}: {e}") from None
+        # the Apply node's patch on a clone of the base MODEL; each step gives it the batch's rows
+        self.patch, self.patched = batch_patch(ctx.base.patcher, self.slots, self.encoder, self.visual,
+                                               next(iter(self.prompts.values())))
         return self.dataset
 
     def collate(self, items):
@@ -211,8 +218,7 @@ class CustomContrastMethod(TrainingMethod):
         inputs = self.step_inputs(batch, ctx)
         sigma = draw_sigmas(model, rng)
         noise = rng.randn(*inputs.z0.shape[1:])
-        loss, parts = customcontrast_loss(model, self.slots, self.encoder, self.visual, inputs, sigma, noise,
-                                          self.weights)
+        loss, parts = customcontrast_loss(self.patch, self.patched, inputs, sigma, noise, self.weights)
         return loss, {**{k: float(v) for k, v in parts.items()}, "sigma_mean": float(sigma.mean())}
 
     # ---- export -----------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from model_patches.weight_files import save_weights
 from .base_model import BaseModelError
 from .config import ConfigError, TrainConfig, option
 from .diffusion import LatentCache, TextCache, implied_noise, noised
-from .eqdiff_data import SubjectDataset, class_images, ensure_class_images
+from .eqdiff_data import SubjectDataset, class_images, ensure_class_images, mask_from_points
 from .eqdiff_step import (cross_attention_loss, eqdiff_forward, grid_mask, loss_grid, reference_attention_loss)
 from .engine import run
 from .manifest import FieldSpec, ManifestSchema
@@ -85,6 +85,11 @@ class EqDiffConfig(TrainConfig):
     batch_size: int = option(2, "subject images per step (each brings one class image)", minimum=1)
     learning_rate: float = option(4e-5, "AdamW lr: the official 1e-5 scaled by batch 2 and prior x2", minimum=0.0)
     export_dtype: str = option("fp32", "dtype of the K/V differences", choices=("fp32", "bf16", "fp16"))
+    clip_vision: str = option("", "CLIP ViT vision file (as Load CLIP Vision reads it) for manifest rows that give "
+                                  "positive_points / negative_points instead of a mask")
+    clip_vision_config: str = option("", "JSON config of ComfyUI's CLIP vision for other sizes than the stock ones")
+    encoder_size: int = option(224, "CLIP input side of the point → mask selection", minimum=14)
+    blur_sigma: float = option(1.0, "point mask: Gaussian sigma in patches", minimum=0.0)
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -114,7 +119,9 @@ class EqDiffMethod(TrainingMethod):
     name = "eqdiff"
     format_version = 1
     config_class = EqDiffConfig
-    manifest_schema = ManifestSchema(fields={"image": FieldSpec("image"), "mask": FieldSpec("mask", False)},
+    manifest_schema = ManifestSchema(fields={"image": FieldSpec("image"), "mask": FieldSpec("mask", False),
+                                             "positive_points": FieldSpec("text", False),
+                                             "negative_points": FieldSpec("text", False)},
                                      same_size=(("image", "mask"),))
     folder_layout = FolderLayout("image", (Companion("mask", ("_mask.png", "_mask.jpg")),))
 
@@ -175,8 +182,38 @@ class EqDiffMethod(TrainingMethod):
         self.class_pixels = [load_square_image(p, cfg.resolution) for p in paths]
 
     def make_dataset(self, rows: list[dict], ctx: TrainContext):
-        self._dataset = SubjectDataset(rows, self.config.resolution)  # the reference draws read it too
+        point_masks = self._masks_from_points(rows)
+        self._dataset = SubjectDataset(rows, self.config.resolution, point_masks)  # the reference draws read it
         return self._dataset
+
+    def _masks_from_points(self, rows: list[dict]) -> dict[int, torch.Tensor]:
+        """Masks of the rows that give clicked points and no mask file (Points to Mask's helper, CLIP vision)."""
+        from image_ops import vision_features as vf
+        from image_ops.point_parsing import PointsError
+
+        from .base_model import load_vision_encoder
+
+        cfg = self.config
+        wanted = [i for i, r in enumerate(rows)
+                  if not r.get("mask") and (r.get("positive_points") or r.get("negative_points"))]
+        if not wanted:
+            return {}
+        if not cfg.clip_vision:
+            raise ConfigError(f"manifest line {rows[wanted[0]].get('_line', wanted[0] + 1)} gives points instead "
+                              "of a mask: clip_vision is required (a CLIP ViT vision file) to make the mask")
+        vision = load_vision_encoder(cfg.clip_vision, cfg.clip_vision_config, vf.CLIP, "the EqDiff trainer",
+                                     what="CLIP vision file", config_option="clip_vision_config")
+        masks = {}
+        for i in wanted:
+            row = rows[i]
+            try:
+                masks[i] = mask_from_points(vision, row["image"], row.get("positive_points", ""),
+                                            row.get("negative_points", ""), encoder_size=cfg.encoder_size,
+                                            blur_sigma=cfg.blur_sigma)
+            except (PointsError, vf.VisionModelError, ValueError) as e:
+                raise ConfigError(f"manifest line {row.get('_line', i + 1)} ({Path(row['image']).name}): {e}") \
+                    from None
+        return masks
 
     # ---- one step -------------------------------------------------------------------------------------------
     def band_latent(self, index: int, pixels: torch.Tensor, band: int) -> torch.Tensor:

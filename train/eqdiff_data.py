@@ -20,37 +20,76 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 def load_square_mask(path, size: int) -> torch.Tensor:
     """A mask file as [size, size] in 0..1, cropped like ``load_square_image`` (luminance, or alpha if any)."""
-    import numpy as np
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.getchannel("A") if im.mode in ("RGBA", "LA") else im.convert("L")
-        scale = size / min(im.size)
-        if scale != 1:
-            im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
-                           Image.NEAREST)
-        left, top = (im.width - size) // 2, (im.height - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+        return square_mask(im.getchannel("A") if im.mode in ("RGBA", "LA") else im.convert("L"), size)
+
+
+def square_mask(im, size: int) -> torch.Tensor:
+    """A PIL "L" mask centre-cropped and resized (nearest) to [size, size] in 0..1, as the photos are cropped."""
+    import numpy as np
+    from PIL import Image
+
+    scale = size / min(im.size)
+    if scale != 1:
+        im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.NEAREST)
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+
+
+def mask_from_points(clip_vision, image_path, positive_text: str, negative_text: str, *, encoder_size: int = 224,
+                     blur_sigma: float = 1.0, dilation_px: int = 0) -> torch.Tensor:
+    """The subject mask [H, W] (0/1, the photo's pixels) of the clicked points, by the helper Points to Mask uses.
+
+    Points are in the photo's pixels, in the formats Points to Mask accepts (``x,y; x,y`` or points-editor JSON).
+    Raises PointsError / VisionModelError with what was wrong (the caller adds the manifest line)."""
+    import numpy as np
+    from PIL import Image
+
+    from image_ops.point_mask import select_subject
+    from image_ops.point_parsing import PIXELS, batch_points
+
+    with Image.open(image_path) as im:
+        pixels = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).movedim(-1, 0)
+    height, width = pixels.shape[-2:]
+    positives, negatives = batch_points(positive_text or "", negative_text or "", 1, width, height, PIXELS)[0]
+    return select_subject(clip_vision, pixels, positives, negatives, encoder_size=encoder_size,
+                          blur_sigma=blur_sigma, dilation_px=dilation_px)
 
 
 class SubjectDataset(torch.utils.data.Dataset):
-    """Items: index, pixels [S, S, 3], mask [S, S] (ones where the row has none)."""
+    """Items: index, pixels [S, S, 3], mask [S, S] (ones where the row has none).
 
-    def __init__(self, rows: list[dict], resolution: int):
+    ``point_masks`` maps a row index to the [H, W] mask made from that row's clicked points (used when the row
+    gives no mask file)."""
+
+    def __init__(self, rows: list[dict], resolution: int, point_masks: dict | None = None):
         self.rows, self.resolution = rows, resolution
-        unmasked = [Path(r["image"]).name for r in rows if not r.get("mask")]
+        self.point_masks = {}
+        for index, mask in (point_masks or {}).items():
+            from PIL import Image
+
+            pil = Image.fromarray(((mask > 0.5).cpu().numpy() * 255).astype("uint8"), mode="L")
+            self.point_masks[index] = (square_mask(pil, resolution) > 0.5).float()
+        unmasked = [Path(r["image"]).name for i, r in enumerate(rows)
+                    if not r.get("mask") and i not in self.point_masks]
         if unmasked:
             print(f"warning: {len(unmasked)} subject image(s) have no mask and train on the whole image "
                   f"(background included): {', '.join(unmasked[:5])}", file=sys.stderr)
-        for row in rows:
-            if row.get("mask") and not bool((self._mask(row) > 0.5).any()):
+        for index, row in enumerate(rows):
+            if (row.get("mask") or index in self.point_masks) and not bool((self._mask(index) > 0.5).any()):
                 from .manifest import ManifestError
 
-                raise ManifestError(f"the mask {row['mask']} of {row['image']} is empty at {resolution} px; every "
-                                    "subject image needs subject pixels")
+                what = f"the mask {row['mask']}" if row.get("mask") else "the mask made from the points"
+                raise ManifestError(f"manifest line {row.get('_line', index + 1)}: {what} of {row['image']} is "
+                                    f"empty at {resolution} px; every subject image needs subject pixels")
 
-    def _mask(self, row) -> torch.Tensor:
+    def _mask(self, index: int) -> torch.Tensor:
+        row = self.rows[index]
+        if index in self.point_masks and not row.get("mask"):
+            return self.point_masks[index]
         if not row.get("mask"):
             return torch.ones(self.resolution, self.resolution)
         return (load_square_mask(row["mask"], self.resolution) > 0.5).float()
@@ -60,7 +99,7 @@ class SubjectDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
-        return {"index": index, "pixels": load_square_image(row["image"], self.resolution), "mask": self._mask(row)}
+        return {"index": index, "pixels": load_square_image(row["image"], self.resolution), "mask": self._mask(index)}
 
 
 def class_images(folder: Path) -> list[Path]:

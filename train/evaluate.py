@@ -175,16 +175,14 @@ def load_mask(path) -> torch.Tensor:
 
 def points_mask(clip_vision, image: torch.Tensor, text: str) -> torch.Tensor:
     """The pack's P3S point-to-mask (positive points; ``text`` in the Points to Mask node's format)."""
-    from image_ops.point_features import patch_tokens
-    from image_ops.point_mask import points_to_mask
+    from image_ops.point_mask import select_subject
     from image_ops.point_parsing import PIXELS, batch_points
 
     if clip_vision is None:
         raise EvaluationError("points were given for a mask, but point-to-mask needs --clip-vision")
     height, width = image.shape[-2:]
     (positives, negatives), = batch_points(text, "", 1, width, height, PIXELS)
-    tokens, grid = patch_tokens(clip_vision, image, -1, 224)
-    return points_to_mask(tokens[0], grid, height, width, positives, negatives)[None]
+    return select_subject(clip_vision, image[0], positives, negatives)[None]
 
 
 # ---- models -----------------------------------------------------------------------------------------------------
@@ -210,24 +208,15 @@ def _resolve(name: str, folder: str, what: str) -> Path:
 
 
 def load_vision(name: str, config: str, kind: str, what: str):
-    import comfy.clip_vision
-    import comfy.utils
-
-    from image_ops.vision_features import require_kind
+    """The CLIP vision / DINOv2 model of ``--clip-vision`` / ``--dinov2``, loaded as the trainers load theirs."""
+    from .base_model import BaseModelError, load_vision_encoder
 
     path = _resolve(name, "clip_vision", what)
-    if config:
-        model = comfy.clip_vision.ClipVisionModel(config)
-        missing, _ = model.load_sd(comfy.utils.load_torch_file(str(path), safe_load=True))
-        if missing:
-            raise EvaluationError(f"{path.name} lacks {len(missing)} weights of {Path(config).name}, e.g. "
-                                  f"{missing[:3]}")
-    else:
-        model = comfy.clip_vision.load(str(path))  # what the stock Load CLIP Vision node does
-        if model is None:
-            raise EvaluationError(f"ComfyUI does not recognise {path.name} as a CLIP-vision/DINOv2 file (it detects "
-                                  "the full-size layouts); give its JSON config with the matching --*-config option")
-    require_kind(model, kind, what)
+    try:
+        model = load_vision_encoder(path, config, kind, "the evaluation", what=f"{what} file",
+                                    config_option=f"{what}-config")
+    except BaseModelError as error:
+        raise EvaluationError(str(error)) from None
     return model, path
 
 

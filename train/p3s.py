@@ -126,17 +126,15 @@ def negatives_mask_from_points(clip_vision, pixels: torch.Tensor, positive_text:
                                encoder_size: int = 224, blur_sigma: float = 1.0, dilation_px: int = 0):
     """(negatives mask [H, W] or None, the parsed (positives, negatives)) — the look-alike's own mask from the
     point-to-mask helper: the negative points are its clicks, the positive points its exclusions."""
-    from image_ops.point_features import patch_tokens
-    from image_ops.point_mask import points_to_mask
+    from image_ops.point_mask import select_subject
     from image_ops.point_parsing import PIXELS, batch_points
 
     height, width = pixels.shape[-2:]
     positives, negatives = batch_points(positive_text or "", negative_text or "", 1, width, height, PIXELS)[0]
     if not negatives or not positives:  # the helper needs a positive point; no look-alike marked: nothing to do
         return None, (positives, negatives)
-    tokens, grid = patch_tokens(clip_vision, pixels[None], -1, encoder_size)
-    mask = points_to_mask(tokens[0], grid, height, width, negatives, positives, blur_sigma=blur_sigma,
-                          dilation_px=dilation_px)
+    mask = select_subject(clip_vision, pixels, negatives, positives, encoder_size=encoder_size,
+                          blur_sigma=blur_sigma, dilation_px=dilation_px)
     return mask, (positives, negatives)
 
 

@@ -36,7 +36,9 @@ bootstrap()
 import torch  # noqa: E402
 
 from lab import anylogo_data, evaluation, subjects as S  # noqa: E402
+from lab.attention_probe import ProbedLayout, SelectivityStats  # noqa: E402
 from lab.micro_models import MICRO_DINOV2, build_micro_image_encoder, build_micro_model  # noqa: E402
+from lab.pretraining import PRETRAIN_TASKS, pretrain  # noqa: E402
 from model_patches.diagnostics import attention_report  # noqa: E402
 from model_patches.image_context import ImageContextPatch, ImageProjection  # noqa: E402
 from model_patches.recycling import AttentionRecorder  # noqa: E402
@@ -69,6 +71,8 @@ MAX_SLOTS = 8          # keep draws are taken for this many layers so every arm 
 EVAL_TIMESTEPS = (999, 800, 650, 500, 350)
 TABLE_TIMESTEPS = (800, 650, 500, 350)
 CONDITION_DROPOUT = 0.1
+DEFAULT_LR = 1e-3
+DEFAULT_STEPS = 1500
 
 
 def setup_data(args, encoder):
@@ -154,9 +158,50 @@ def extraction_gradient_share(model, layout, projection, arm, batch, draws) -> f
     return float((grads[0] - grads[1]).norm() / grads[0].norm().clamp_min(1e-12))
 
 
-def train_arm(name: str, seed: int, pool, candidates, args) -> dict:
+def init_tag(args) -> str:
+    """What the arms start from: '' for random weights, else e.g. 'pre-denoise2000' (the pretrained base)."""
+    return "" if args.init == "random" else f"pre-{args.pretrain_task}{args.pretrain_steps}"
+
+
+def variant(name: str, init: str, lr: float, steps: int | None = None) -> str:
+    """The table's (and the result file's) name of one arm trained from ``init`` with ``lr`` for ``steps``
+    (the defaults, random init, DEFAULT_LR and DEFAULT_STEPS, add nothing to the arm's name)."""
+    return (name + (f"@{init}" if init else "") + (f"@lr{lr:g}" if lr != DEFAULT_LR else "")
+            + (f"@{steps}st" if steps is not None and steps != DEFAULT_STEPS else ""))
+
+
+def pretrained_base(pool, args) -> dict:
+    """The state dict of the pretrained micro UNet every arm of this run forks from; trained once and cached in
+    ``--out`` (weights + a JSON with its curve and time)."""
+    tag, device = init_tag(args), torch.device(args.device)
+    path = Path(args.out) / f"base_{tag}.safetensors" if args.out else None
+    if path and path.exists():
+        import safetensors.torch
+
+        return safetensors.torch.load_file(str(path))
+    model, _ = build_micro_model(seed=args.pretrain_seed, device=device)
+    started = time.perf_counter()
+    curve = pretrain(model, pool, steps=args.pretrain_steps, batch=args.batch, lr=args.pretrain_lr or args.lr,
+                     seed=args.pretrain_seed, task=args.pretrain_task, side_by_side=side_by_side, device=device,
+                     log_every=args.log_every, log=lambda line: print(line, flush=True))
+    seconds = time.perf_counter() - started
+    print(f"pretrained base {tag}: {seconds:.0f} s", flush=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.diffusion_model.state_dict().items()}
+    if path:
+        import safetensors.torch
+
+        safetensors.torch.save_file(state, str(path))
+        path.with_suffix(".json").write_text(json.dumps(
+            {"base": tag, "task": args.pretrain_task, "steps": args.pretrain_steps, "seed": args.pretrain_seed,
+             "lr": args.pretrain_lr or args.lr, "batch": args.batch, "seconds": seconds, "curve": curve}))
+    return state
+
+
+def train_arm(name: str, seed: int, pool, candidates, args, base: dict | None = None) -> dict:
     arm, device = ARMS[name], torch.device(args.device)
     model, _ = build_micro_model(seed=seed, device=device)
+    if base is not None:  # fork from the pretrained base: the same start for every arm and seed
+        model.diffusion_model.load_state_dict(base)
     layout = RecyclingLayout.of(model, arm.positions, False, len(pool.tokens))
     projection = ImageProjection(MICRO_DINOV2["hidden_size"], layout.context_dim)
     with torch.random.fork_rng(devices=[]):
@@ -208,7 +253,7 @@ def train_arm(name: str, seed: int, pool, candidates, args) -> dict:
                   f"{point['held_identified']:.2f} ({point['seconds']:.0f} s)", flush=True)
     train_seconds = time.perf_counter() - started
     result = {"arm": name, "seed": seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-              "encoder_pool": args.encoder_pool,
+              "encoder_pool": args.encoder_pool, "init": init_tag(args) if base is not None else "",
               "train_seconds": train_seconds, "curve": curve, "slots": [s.name for s in layout.slots]}
     result["eval_timesteps"] = list(EVAL_TIMESTEPS)
     for read in (True, False):
@@ -223,13 +268,17 @@ def train_arm(name: str, seed: int, pool, candidates, args) -> dict:
         weights = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in model.diffusion_model.state_dict().items()}
         weights.update({f"image_projection.{k}": v.detach().cpu().contiguous()
                         for k, v in projection.state_dict().items()})
-        safetensors.torch.save_file(weights, str(Path(args.out) / f"{name}_seed{seed}.safetensors"))
-    recorder = AttentionRecorder()
-    region_errors(model, layout, projection, arm, candidates, read=True, rows=quick_rows, recorder=recorder,
+        label = variant(name, result["init"], args.lr, args.steps)
+        safetensors.torch.save_file(weights, str(Path(args.out) / f"{label}_seed{seed}.safetensors"))
+    recorder, selectivity = AttentionRecorder(), SelectivityStats()
+    probed = ProbedLayout(layout, selectivity, candidates[0].concat[quick_rows, :1])
+    region_errors(model, probed, projection, arm, candidates[:1], read=True, rows=quick_rows, recorder=recorder,
                   device=device)
     shares = [e[1] for entries in recorder.per_layer.values() for e in entries]
     result["asa"] = sum(shares) / len(shares) if shares else None
     result["attention_report"] = attention_report(recorder)
+    result["selectivity"] = selectivity.overall() or None
+    result["selectivity_per_layer"] = selectivity.per_layer()
     if arm.threshold > 0 and not arm.side_by_side:
         first = pool.rows(torch.arange(args.batch)).to(device)
         g = torch.Generator().manual_seed(5)
@@ -242,14 +291,19 @@ def train_arm(name: str, seed: int, pool, candidates, args) -> dict:
     return result
 
 
+def variant_of(name: str, group: str) -> str:
+    return f"{name}@{group}" if group else name
+
+
 def print_table(results: list[dict], chance: float) -> None:
     by_arm = {}
     for r in results:
-        by_arm.setdefault(r["arm"], []).append(r)
+        by_arm.setdefault(variant(r["arm"], r.get("init", ""), r.get("lr", DEFAULT_LR), r["steps"]), []).append(r)
     print(f"\nheld-out region error (one-step clean prediction, mean over t in {TABLE_TIMESTEPS}), mean ± sd over "
           f"seeds; "
           f"identified: chance {chance:.3f}")
-    print(f"{'arm':<16} {'seeds':>5} {'flow at test':>12} {'true subject':>16} {'other subjects':>16} "
+    width = max([16] + [len(name) for name in by_arm])
+    print(f"{'arm':<{width}} {'seeds':>5} {'flow at test':>12} {'true subject':>16} {'other subjects':>16} "
           f"{'identified':>14} {'ASA':>6} {'train s':>8}")
     for name, rows in by_arm.items():
         for flow in ("complete", "blocked"):
@@ -260,7 +314,7 @@ def print_table(results: list[dict], chance: float) -> None:
             asa = evaluation.mean_spread([r["asa"] for r in rows if r.get("asa") is not None]) \
                 if flow == "complete" else (float("nan"), 0)
             secs = evaluation.mean_spread([r["train_seconds"] for r in rows])[0]
-            print(f"{name:<16} {len(rows):>5} {flow:>12} {evaluation.format_pm(*true):>16} "
+            print(f"{name:<{width}} {len(rows):>5} {flow:>12} {evaluation.format_pm(*true):>16} "
                   f"{evaluation.format_pm(*other):>16} {evaluation.format_pm(*hit, 2):>14} {asa[0]:>6.3f} "
                   f"{secs:>8.0f}")
     print("\npaired comparisons on the same held-out pairs (true-subject region error, per seed; a - b < 0: a is "
@@ -270,6 +324,9 @@ def print_table(results: list[dict], chance: float) -> None:
                    ("decoder", "complete", "both", "complete"), ("decoder", "blocked", "blocked", "blocked"),
                    ("decoder", "complete", "decoder", "blocked"), ("recycling_only", "complete", "blocked", "blocked"),
                    ("recycling_only", "complete", "side_by_side", "complete")]
+    groups = sorted({name.partition("@")[2] for name in by_arm})  # one per (init, lr)
+    comparisons = [(variant_of(a, g), fa, variant_of(b, g), fb) for g in groups for a, fa, b, fb in comparisons]
+    comparisons += [(name, "complete", name.partition("@")[0], "complete") for name in by_arm if "@" in name]
     for a, fa, b, fb in comparisons:
         seeds = sorted({r["seed"] for r in by_arm.get(a, [])} & {r["seed"] for r in by_arm.get(b, [])})
         if not seeds or (a == b and fa == fb):
@@ -286,6 +343,16 @@ def print_table(results: list[dict], chance: float) -> None:
         if shares:
             print(f"  {name}: share of the UNet gradient that flows through the extraction pass "
                   f"{evaluation.format_pm(*evaluation.mean_spread(shares))}")
+    print("\nselectivity of the generation pass's attention onto the subject keys (16 pairs, mean over layers and "
+          "seeds): mass from region / outside queries, the subject keys' share of keys (uniform attention), "
+          "entropy within the subject keys and over all keys (1 = uniform)")
+    for name, rows in by_arm.items():
+        stats = [r["selectivity"] for r in rows if r.get("selectivity")]
+        if stats:
+            mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+            print(f"  {name}: region {mean['region_share']:.3f} / outside {mean['outside_share']:.3f} vs key "
+                  f"ratio {mean['key_ratio']:.3f}; entropy within subject {mean['subject_entropy']:.3f}, over all "
+                  f"keys {mean['content_entropy']:.3f}")
     print("\nper timestep, complete transmission, mean over seeds: true subject / other subjects, identified")
     for name, rows in by_arm.items():
         if "complete_by_timestep" not in rows[0]:
@@ -301,7 +368,8 @@ def print_table(results: list[dict], chance: float) -> None:
     for r in results:
         pts = r["curve"]
         picks = [pts[0], pts[len(pts) // 2], pts[-1]] if len(pts) > 2 else pts
-        print(f"  {r['arm']} seed {r['seed']}: " + " | ".join(
+        label = variant(r["arm"], r.get("init", ""), r.get("lr", DEFAULT_LR), r["steps"])
+        print(f"  {label} seed {r['seed']}: " + " | ".join(
             f"step {p['step']}: {p['loss']:.3f}/{p['region_loss']:.3f}, {p['held_true']:.3f} vs "
             f"{p['held_other']:.3f}, id {p['held_identified']:.2f}" for p in picks))
 
@@ -311,9 +379,18 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", default="decoder,blocked,encoder,both",
                         help=f"comma list of {sorted(ARMS)}, run in this order per seed round")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help="fine-tuning steps per arm (0: evaluate the start itself, e.g. the pretrained base)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR)
+    parser.add_argument("--init", choices=("random", "pretrained"), default="random",
+                        help="arms start from random weights (default) or from one pretrained base (cached in --out)")
+    parser.add_argument("--pretrain-task", choices=PRETRAIN_TASKS, default="denoise",
+                        help="denoise: the stock model on the scenes with the region hidden / visible / no region; "
+                             "copy: the side-by-side control's input")
+    parser.add_argument("--pretrain-steps", type=int, default=2000)
+    parser.add_argument("--pretrain-lr", type=float, default=0.0, help="0: --lr")
+    parser.add_argument("--pretrain-seed", type=int, default=0)
     parser.add_argument("--train-pairs", type=int, default=6000)
     parser.add_argument("--train-subjects", type=int, default=3000)
     parser.add_argument("--held-pairs", type=int, default=64)
@@ -334,6 +411,7 @@ def main(argv=None) -> None:
     if out:
         out.mkdir(parents=True, exist_ok=True)
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))] if out else []
+    results = [r for r in results if "arm" in r]  # base_*.json describe pretrained bases
     if args.table_only:
         print_table(results, 1.0 / args.candidates)
         return
@@ -343,12 +421,13 @@ def main(argv=None) -> None:
     print(f"data: {pool.z0.shape[0]} training pairs over {args.train_subjects} subjects, {args.held_pairs} held-out "
           f"pairs x {args.candidates} candidates ({time.perf_counter() - started:.0f} s); torch threads "
           f"{torch.get_num_threads()}, device {args.device}", flush=True)
+    base = pretrained_base(pool, args) if args.init == "pretrained" else None
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.arms.split(","):
-            path = out / f"{name}_seed{seed}.json" if out else None
+            path = out / f"{variant(name, init_tag(args), args.lr, args.steps)}_seed{seed}.json" if out else None
             if path and path.exists():
                 continue
-            result = train_arm(name, seed, pool, candidates, args)
+            result = train_arm(name, seed, pool, candidates, args, base)
             results.append(result)
             if path:
                 tmp = path.with_suffix(".tmp")

@@ -79,3 +79,45 @@ def build_micro_image_encoder(*, seed: int = 0):
 
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+MICRO_CLIP_TEXT = {
+    "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
+    "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 64,
+    "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+    "model_type": "clip_text_model", "torch_dtype": "float32",
+}
+
+
+class _MicroTextTarget:
+    """What ``comfy.sd.CLIP`` is built from (a supported model's ``clip_target``): the SD1 tokenizer, and
+    ComfyUI's SD1 text model with the micro config instead of CLIP-L's."""
+
+    def __init__(self):
+        import comfy.sd1_clip
+
+        self.clip = comfy.sd1_clip.SD1ClipModel
+        self.tokenizer = comfy.sd1_clip.SD1Tokenizer
+        self.params = {"clip_model": comfy.sd1_clip.SDClipModel, "textmodel_json_config": dict(MICRO_CLIP_TEXT),
+                       "return_projected_pooled": False}
+
+
+def build_micro_text_encoder(*, seed: int = 0, device="cpu"):
+    """ComfyUI's CLIP object (the stock CLIP type: SD1 tokenizer, ``SDClipModel`` text transformer) at width 64
+    (the micro UNet's context), 2 layers, fp32, random under ``seed`` (the lab has no pretrained text encoder:
+    it stands for a fixed map from words to context vectors, in which a learned vector can take a word's place,
+    as in textual inversion)."""
+    import comfy.sd
+
+    device = torch.device(device)
+    clip = comfy.sd.CLIP(_MicroTextTarget(), model_options={"dtype": torch.float32, "load_device": device,
+                                                             "offload_device": device, "initial_device": device})
+    model = clip.cond_stage_model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _torch_default_init_(model)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Embedding):
+                torch.nn.init.normal_(m.weight, std=0.02)  # CLIP's own initialiser of the token/position tables
+    model.requires_grad_(False)
+    return clip

@@ -37,7 +37,7 @@ def depth_to_space(latent: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     return x.reshape(*lead, c, h * block, w * block)
 
 
-STREAMS = {"subject": 1, "background": 2, "pairs": 3}  # one random stream per kind of object
+STREAMS = {"subject": 1, "background": 2, "pairs": 3, "texture": 4}  # one random stream per kind of object
 
 
 def _rng(stream: str, index: int) -> np.random.Generator:
@@ -103,3 +103,32 @@ def scene(pair: Pair) -> torch.Tensor:
 def as_rgb01(pixels: torch.Tensor) -> torch.Tensor:
     """Grey [-1, 1] -> [3, H, W] in 0..1, what the image encoder reads."""
     return ((pixels + 1) / 2).clamp(0, 1).expand(3, -1, -1)
+
+
+def textured_subject(index: int) -> torch.Tensor:
+    """Glyph ``index`` with a stripe texture on its foreground: ±0.3 around the foreground level, period 2–3 px
+    at one of four orientations (all from the subject's own stream, so a pure function of ``index``). The
+    texture is the detail a per-subject token struggles to hold and a reference can supply (EqDiff's RRA)."""
+    glyph = subject(index)
+    rng = _rng("texture", int(index))
+    period, angle = float(rng.choice([2.0, 3.0])), float(rng.choice([0.0, 0.25, 0.5, 0.75])) * np.pi
+    phase = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:SUBJECT_PX, 0:SUBJECT_PX].astype(np.float32)
+    stripes = np.sign(np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period + phase))
+    level = np.float32(_rng("subject", int(index)).uniform(-1, 1))  # subject()'s first draw: its background
+    foreground = glyph != torch.tensor(level)
+    textured = glyph + 0.3 * torch.from_numpy(stripes.astype(np.float32))[None] * foreground
+    return textured.clamp(-1, 1)
+
+
+def place(canvas: torch.Tensor, patch: torch.Tensor, y: int, x: int) -> torch.Tensor:
+    """A copy of ``canvas`` [1, H, W] with ``patch`` [1, h, w] at (y, x)."""
+    out = canvas.clone()
+    out[:, y:y + patch.shape[-2], x:x + patch.shape[-1]] = patch
+    return out
+
+
+def box_mask(shape: tuple[int, int], y: int, x: int, size: int = SUBJECT_PX) -> torch.Tensor:
+    mask = torch.zeros(1, *shape)
+    mask[:, y:y + size, x:x + size] = 1
+    return mask
