@@ -436,7 +436,8 @@ def print_receptive_field(args) -> None:
     scene = S.SCENE_PX // S.BLOCK * args.scale
     subject = S.SUBJECT_PX // S.BLOCK * args.scale
     print(f"{args.unet_shape} micro UNet: side of the input square each layer sees through its convolutions "
-          f"alone (self-attention replaced by its values, GroupNorm statistics off), in latent cells")
+          f"alone (self-attention replaced by its values, GroupNorm statistics off), in latent cells; a cell "
+          f"reaches (side - 1) / 2 cells each way")
     print("  " + ", ".join(f"{name} {side}" for name, side in reach.items()))
     print(f"  scene latent {scene}x{scene}; side-by-side source at least {subject + args.copy_gap} cells "
           f"right of its region cell (gap {args.copy_gap})")

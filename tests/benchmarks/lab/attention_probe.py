@@ -10,7 +10,12 @@ projected queries, the layer's own keys and the banked subject keys, then calls 
 * ``key_ratio``: the subject keys' share of all keys, L_sub / (L + L_sub): what a uniform attention gives;
 * ``subject_entropy``: entropy of the region queries' attention *within* the subject keys, divided by
   log L_sub (1 = uniform over the subject, 0 = all on one key; a copying layer is low);
-* ``content_entropy``: the same over all keys, divided by log(L + L_sub) (1 = attention ignores content).
+* ``content_entropy``: the same over all keys, divided by log(L + L_sub) (1 = attention ignores content);
+* ``match_share``: the share of a region query's subject mass on the subject key at the same place in the
+  subject as the query is in the region (what a copy needs), against ``match_uniform`` = 1 / L_sub.
+
+``SideBySideProbe`` measures the same for *stock* self-attention on the side-by-side input (the subject known
+beside the scene in one latent): the subject's cells there are the "subject keys".
 """
 from __future__ import annotations
 
