@@ -1,7 +1,7 @@
 """CustomContrast at sampling and training time: per-layer S+ text contexts and the decoupled visual attention.
 
-``CustomContrastPatch`` is installed on a clone of the MODEL. On each model call (``apply_model`` wrapper) it
-runs the timestep-dependent part of the MFI encoder for the conditional rows, encodes the caption once per
+``CustomContrastPatch`` is one subject; ``SubjectGroup`` (``customcontrast_subjects.py``) installs one or more
+on a clone of the MODEL. On each model call (``apply_model`` wrapper) it runs the timestep-dependent part of the MFI encoder for the conditional rows, encodes the caption once per
 cross-attention layer with that layer's S+ token (``PlaceholderPrompt.encode``, one text-encoder batch), and puts
 the result for this call only in ``transformer_options``. There:
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from . import customcontrast_location as location
 from .attention_ops import host_attention, row_chunks
-from .customcontrast_location import AttentionRecorder, LocationTrace, layer_size
+from .customcontrast_location import AttentionRecorder, layer_size
 from .customcontrast_encoder import ImageState, MFIEncoder, MFIOutput
 from .customcontrast_text import PlaceholderPrompt
 from .unet_layout import TransformerSlot
@@ -232,8 +232,6 @@ class CustomContrastPatch:
     location: bool = False              # timestep-specific subject location (§3.4)
     location_mask: torch.Tensor | None = None   # [1|B, H, W] the first step's mask (none: the first step runs free)
     _image: ImageState | None = None
-    _trace: LocationTrace | None = None
-    _last_sigma: float | None = None
 
     def __deepcopy__(self, memo):  # one patch per Apply node, shared by the clones made from it
         return self
@@ -264,54 +262,11 @@ class CustomContrastPatch:
         return {**options, "patches": patches, STATE_KEY: state}
 
     # -- sampling -------------------------------------------------------------------------------------------
-    def install(self, model_patcher) -> None:
-        present = model_patcher.get_attachment(ATTACHMENT)
-        if present is not None:
-            raise ValueError("this MODEL already has CustomContrast applied; it applies once per model (several "
-                             "subjects in one image are not supported yet). Feed CustomContrast Apply the MODEL "
-                             "from before the first one")
-        import comfy.patcher_extension
-
-        model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, ATTACHMENT,
-                                           self.apply_model_wrapper)
-        model_patcher.set_attachments(ATTACHMENT, self)
-
     def active(self, sigma: float) -> bool:
         return self.sigma_end <= sigma <= self.sigma_start
 
-    def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
-                            transformer_options={}, **kwargs):
-        flags = list(transformer_options.get("cond_or_uncond") or [COND])
-        if COND not in flags or not self.active(float(t.flatten()[0])):
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        base_model = executor.class_obj
-        timestep = base_model.model_sampling.timestep(t.flatten()[:1].float())
-        self.encoder.to(x.device)
-        self.visual_attention.to(x.device)
-        state = self.state_for(timestep)
-        trace = self._located_call(state, float(t.flatten()[0]), x.shape[0] // len(flags)) if self.location else None
-        try:
-            options = self.transformer_options_for(transformer_options, state)
-            out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
-            if trace is not None:
-                trace.finish_call(state.recorder, state.masks)
-            return out
-        finally:
-            state.outputs = None
+    def install(self, model_patcher) -> None:
+        """Install this subject alone on ``model_patcher`` (several subjects: ``SubjectGroup``)."""
+        from .customcontrast_subjects import SubjectGroup
 
-    def trace(self) -> LocationTrace:
-        if self._trace is None:
-            masks = {} if self.location_mask is None else {0: self.location_mask.float()}
-            self._trace = LocationTrace(user_masks=masks)
-        return self._trace
-
-    def _located_call(self, state: CallState, sigma: float, rows: int) -> LocationTrace:
-        """Give this call the mask made at the previous (noisier) call and a recorder for the next one. A call
-        whose sigma is not below the previous call's starts a new sampling run: no mask carried over."""
-        trace = self.trace()
-        if self._last_sigma is None or sigma >= self._last_sigma:
-            trace.reset()
-        self._last_sigma = sigma
-        state.masks = trace.masks_for_call(rows)
-        state.recorder = AttentionRecorder(keep_grad=False)
-        return trace
+        SubjectGroup([self], self.prompt).install(model_patcher)

@@ -69,7 +69,7 @@ class PlaceholderPrompt:
         for k, t in enumerate(tokens):
             if t in tokens[:k]:
                 raise PlaceholderError(f"two subjects use the placeholder {words[k].strip()!r}; give each subject its "
-                                       "own word (e.g. 'sks' and 'zwx') so each token has one place")
+                                       "own word (e.g. 'sks' and 'ohwx') so each token has one place")
         sections = clip.tokenize(prompt)["l"]
         occurrences = []
         for word, token in zip(words, tokens):

@@ -684,10 +684,17 @@ def cc_file(c, name, *, tensors=None, **metadata):
     return name
 
 
-def cc_applied_twice(c):
-    node = c.nodes.NODE_CLASS_MAPPINGS[CC_APPLY]()
-    first = node.apply(**CC_DEFAULTS[CC_APPLY](c))[0]
-    node.apply(**{**CC_DEFAULTS[CC_APPLY](c), "model": first})
+def cc_first_subject(c):
+    """The tiny MODEL with one CustomContrast subject ('sks'), for the second Apply's rows."""
+    if "first" not in _CC:
+        node = c.nodes.NODE_CLASS_MAPPINGS[CC_APPLY]()
+        _CC["first"] = node.apply(**CC_DEFAULTS[CC_APPLY](c))[0]
+    return _CC["first"]
+
+
+def cc_second(**overrides):
+    """A second subject's Apply on the MODEL that has the first: placeholder 'ohwx' unless overridden."""
+    return lambda c: {"model": cc_first_subject(c), "placeholder": "ohwx", **overrides}
 
 
 CC_DEFAULTS: dict[str, Callable] = {
@@ -714,7 +721,23 @@ CUSTOMCONTRAST_ROWS: list[Row] = [
         args=lambda c: {"customcontrast": cc(c)["other"]}),
     Row(CC_APPLY, 0, "start_after_end", "start_percent (0.8) must not be after end_percent (0.2)",
         args=lambda c: {"start_percent": 0.8, "end_percent": 0.2}),
-    Row(CC_APPLY, 3, "applied_twice", "this MODEL already has CustomContrast applied", run=cc_applied_twice),
+    Row(CC_APPLY, 3, "second_prompt_without_its_placeholder", "the prompt does not contain the placeholder word "
+        "'ohwx' (every subject's placeholder must be in it: 'sks', 'ohwx')", args=cc_second(prompt="a photo of sks")),
+    Row(CC_APPLY, 3, "second_prompt_without_the_first_placeholder", "the prompt does not contain the placeholder "
+        "word 'sks' (every subject's placeholder must be in it", args=cc_second(prompt="a photo of ohwx")),
+    Row(CC_APPLY, 3, "second_subject_same_placeholder", "two subjects use the placeholder 'sks'",
+        args=cc_second(placeholder="sks", prompt="a photo of sks")),
+    *[row for row in mask_rows(CC_APPLY, "location_mask", images="subject_embeds", of="image")
+      if row.name != "location_mask_pairing"],
+    Row(CC_APPLY, 4, "location_mask_pairing", "location_mask holds 2 masks; expected one",
+        args=lambda c: {"location": True, "location_mask": box_mask(batch=2)},
+        covers=(("location_mask", "pairing"),)),
+    Row(CC_APPLY, 6, "location_mask_without_location", "location_mask is connected but location is off",
+        args=lambda c: {"location_mask": box_mask()}),
+    Row(CC_APPLY, 6, "location_mask_all_zero", "location_mask is empty (all 0)",
+        args=lambda c: {"location": True, "location_mask": torch.zeros(1, 32, 32)}),
+    Row(CC_APPLY, 6, "location_mask_out_of_range", "location_mask values must lie in 0..1, got 0..2",
+        args=lambda c: {"location": True, "location_mask": box_mask() * 2}),
     Row(CC_APPLY, 0, "inpainting_model", "needs an SD1.5-architecture model",
         args=lambda c: {"model": c.kit.model}),
     Row(CLIPN, 6, "empty_subject_mask", "subject mask 0 is empty",
