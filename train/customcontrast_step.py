@@ -26,6 +26,7 @@ from model_patches.customcontrast_encoder import MFIOutput
 from model_patches.customcontrast_location import AttentionRecorder
 from model_patches.customcontrast_losses import (appearance_factors, cscl_loss, gather_global, location_loss,
                                                  macl_loss)
+from model_patches.customcontrast_subjects import SubjectGroup
 
 from .diffusion import implied_noise, noised
 
@@ -80,11 +81,19 @@ class BatchPatch(CustomContrastPatch):
         return state
 
 
+class BatchGroup(SubjectGroup):
+    """The Apply node's one-subject group, whose call state is the batch's (``BatchPatch.state_for``): the
+    wrapper, location handling and attention patches are the ones sampling runs."""
+
+    def state_for(self, timestep: torch.Tensor, sigma: float | None = None) -> CallState:
+        return self.subjects[0].state_for(timestep)
+
+
 def batch_patch(patcher, slots, encoder, visual, prompt) -> tuple[BatchPatch, object]:
     """(the patch, the MODEL clone carrying it): installed once, fed a new batch every step."""
     patch = BatchPatch(encoder, visual, slots, prompt, torch.zeros(0))
     patched = patcher.clone()
-    patch.install(patched)
+    BatchGroup([patch], prompt).install(patched)
     return patch, patched
 
 
