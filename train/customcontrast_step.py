@@ -91,7 +91,8 @@ class BatchGroup(SubjectGroup):
 
 def batch_patch(patcher, slots, encoder, visual, prompt) -> tuple[BatchPatch, object]:
     """(the patch, the MODEL clone carrying it): installed once, fed a new batch every step."""
-    patch = BatchPatch(encoder, visual, slots, prompt, torch.zeros(0))
+    patch = BatchPatch(encoder=encoder, visual_attention=visual, slots=slots, prompt=prompt,
+                       image_features=torch.zeros(0))
     patched = patcher.clone()
     BatchGroup([patch], prompt).install(patched)
     return patch, patched
