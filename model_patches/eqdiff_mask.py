@@ -20,10 +20,14 @@ def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     return (pooled > 0).float()
 
 
-def dilate(mask: torch.Tensor, iterations: int) -> torch.Tensor:
-    """``iterations`` max-pools with a 5×5 window, stride 1 (the official dilation of the latent mask)."""
+def dilate(mask: torch.Tensor, iterations: int, kernel: int = DILATION_KERNEL) -> torch.Tensor:
+    """``iterations`` max-pools with a ``kernel``×``kernel`` window, stride 1 (official: 5 iterations of 5×5 on
+    the 64×64 latent, a growth of 10 cells = 1/6.4 of the side; a smaller latent scales it with a smaller
+    kernel or fewer iterations)."""
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"the dilation kernel must be an odd size >= 1, got {kernel}")
     for _ in range(iterations):
-        mask = torch.nn.functional.max_pool2d(mask, DILATION_KERNEL, stride=1, padding=DILATION_KERNEL // 2)
+        mask = torch.nn.functional.max_pool2d(mask, kernel, stride=1, padding=kernel // 2)
     return mask
 
 

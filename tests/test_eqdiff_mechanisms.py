@@ -200,6 +200,12 @@ def test_dilation_is_iterated_5x5_max_pooling():
     once, five = eqdiff_mask.dilate(m, 1), eqdiff_mask.dilate(m, 5)
     assert int(once.sum()) == 25 and bool(once[..., 8:13, 8:13].all())
     assert int(five.sum()) == 21 * 21  # 5 iterations grow the point by 10 cells on each side: 21x21
+    # a 3x3 window grows by 1 cell per iteration (the scaled-down dilation of small latents)
+    three = eqdiff_mask.dilate(m, 2, kernel=3)
+    assert int(three.sum()) == 25 and bool(three[..., 8:13, 8:13].all())
+    assert torch.equal(eqdiff_mask.dilate(m, 3, kernel=1), m)
+    with pytest.raises(ValueError, match="odd size"):
+        eqdiff_mask.dilate(m, 1, kernel=4)
 
 
 def test_mgdp_input_and_area_normalised_loss_by_hand():

@@ -249,6 +249,143 @@ def test_a_resumed_run_reproduces_the_uninterrupted_one(trained, tmp_path, model
         assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole), name
 
 
+def test_reference_noise_same_is_the_target_noise_and_independent_is_its_own_draw(trained, monkeypatch):
+    """Official training noises the reference with the target's own noise; 'independent' draws another one after
+    every official draw, so the target's and the prior's draws stay exactly those of the official recipe."""
+    import train.eqdiff as module
+    from train.randomness import SampleRandom
+
+    trainer = trained["trainer"]
+    method, ctx = trainer.method, trainer.ctx
+    batch = method.collate([trainer.dataset[0], trainer.dataset[1]])
+    seen = {}
+
+    def recording_noised(model, x0, noise, sigma):
+        seen.setdefault("noised", []).append(noise.clone())
+        return noised(model, x0, noise, sigma)
+
+    def recording_reference_input(model, latent, sigma, mode, *, noise=None, gap=2):
+        seen["reference"] = (mode, gap, noise.clone())
+        return reference_input(model, latent, sigma, mode, noise=noise, gap=gap)
+
+    noised, reference_input = module.noised, module.reference_input
+    monkeypatch.setattr(module, "noised", recording_noised)
+    monkeypatch.setattr(module, "reference_input", recording_reference_input)
+    draws = {}
+    original = method.config.reference_noise
+    try:
+        for mode in ("same", "independent"):
+            method.config.reference_noise = mode
+            seen.clear()
+            with torch.no_grad():
+                method.training_loss(batch, ctx, SampleRandom(7, 3, [0, 1], ctx.device))
+            (target, prior), (ref_mode, gap, ref_noise) = seen["noised"], seen["reference"]
+            draws[mode] = (target, prior, ref_noise)
+            assert (ref_mode, gap) == ("training", 2)
+    finally:
+        method.config.reference_noise = original
+    same, independent = draws["same"], draws["independent"]
+    assert torch.equal(same[2], same[0])                       # the target's noise, as the official code
+    assert torch.equal(independent[0], same[0]) and torch.equal(independent[1], same[1])  # official draws kept
+    assert not torch.equal(independent[2], same[0]) and not torch.equal(independent[2], same[1])
+
+
+# ---- torchrun (2 processes, gloo) and SIGKILL + resume, as python -m train.eqdiff runs ---------------------------
+PARALLEL_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(tmp_path_factory, model_dirs, subject_folder, trainer):
+    """4 steps of global batch 2 (checkpoints every 2): 1 process x micro-batch 2, torchrun 2 x micro-batch 1, and
+    1 process SIGKILLed after its first checkpoint, then the same command again. The class images are made once
+    (by the first run) in a shared folder, so all three read the same priors."""
+    from train.checkpoint import list_checkpoints
+
+    root = tmp_path_factory.mktemp("eqdiff_parallel")
+    cfg = write_config(root / "cfg.yaml", model_dirs, subject_folder / "manifest.jsonl", steps=PARALLEL_STEPS,
+                       checkpoint_every=2, prior_dir=str(root / "class_images"))
+    args = ["-m", "train.eqdiff", "--config", cfg, "--output_dir"]
+    trainer.run(args + [root / "single"])
+    trainer.run_torchrun(2, args + [root / "ddp"])
+    killed = root / "killed"
+    trainer.kill_when_written(args + [killed], killed / "checkpoints" / "step_00000002.pt")
+    saved = [s for s, _ in list_checkpoints(killed / "checkpoints")]
+    assert saved and saved[-1] < PARALLEL_STEPS and not (killed / "disc.safetensors").exists()
+    resumed = trainer.run(args + [killed])
+    assert f"(step {saved[-1]})" in resumed.stderr
+    return {"single": root / "single", "ddp": root / "ddp", "killed": killed}
+
+
+def _run_log(out) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_checkpoint(out) -> dict:
+    from train.checkpoint import load_checkpoint
+
+    return load_checkpoint(out / "checkpoints" / f"step_{PARALLEL_STEPS:08d}.pt")
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(parallel_runs):
+    """Every draw (band, timestep, noise, reference photo, class image) is per sample, so the logged draws match.
+    Step 1's losses agree to 1e-6 relative (float summation order only: two batch-1 forwards + an all-reduce vs
+    one batch-2 forward; measured <= 2e-7); the later steps run at weights that already differ (below), so their
+    losses agree to 1e-4 (measured <= 2e-5, the cross-attention loss the most sensitive). The states agree to
+    that order and its consequences: at lr 1e-3 AdamW divides by sqrt of the second moment, so a last-bit
+    difference on a near-zero gradient entry can move that weight by up to lr per step (hence max |diff| <=
+    steps x lr; measured 4.9e-4), and the later gradients are taken at those weights. The step here is a long
+    chain (CLIP with gradient into the tokens, the reference pass, two attention losses), so the spread is wider
+    than finetune's: measured 87 % of the 11 M weights within 1e-7 and 99.5 % within 1e-6 (one step moves a weight
+    by about lr = 1e-3, measured median 9e-4 per 2 steps), asserted >= 99 % within 1e-6; the final first moment
+    (the averaged gradients) agrees to 1.1e-4 of its largest entry, asserted 1e-3. A gradient summed instead of
+    averaged, or one rank's sample missing, moves it by order 1 (and step 1's losses by far more than 1e-6)."""
+    a, b = _final_checkpoint(parallel_runs["ddp"]), _final_checkpoint(parallel_runs["single"])
+    assert a["trainable_names"] == b["trainable_names"]
+    assert {"tokens"} < set(b["trainable_names"]) and any(n.startswith("rra.") for n in b["trainable_names"])
+    steps_a = [r for r in _run_log(parallel_runs["ddp"]) if "loss" in r]
+    steps_b = [r for r in _run_log(parallel_runs["single"]) if "loss" in r]
+    assert [r["step"] for r in steps_b] == list(range(1, PARALLEL_STEPS + 1)) == [r["step"] for r in steps_a]
+    for ra, rb in zip(steps_a, steps_b):
+        for key in ("band_low", "band_high"):
+            assert ra[key] == rb[key], key
+        assert ra["sigma_mean"] == pytest.approx(rb["sigma_mean"], rel=1e-6)
+        rel = 1e-6 if rb["step"] == 1 else 1e-4
+        for key in ("loss", "instance_loss", "prior_loss", "cross_attention_loss", "reference_attention_loss"):
+            assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-9), (rb["step"], key)
+    m_a = torch.cat([a["optimizer"]["state"][i]["exp_avg"].flatten() for i in sorted(b["optimizer"]["state"])])
+    m_b = torch.cat([b["optimizer"]["state"][i]["exp_avg"].flatten() for i in sorted(b["optimizer"]["state"])])
+    worst, scale = float((m_a - m_b).abs().max()), float(m_b.abs().max())
+    diff = torch.cat([(a["trainable"][n] - b["trainable"][n]).abs().flatten() for n in b["trainable_names"]])
+    print(f"eqdiff ddp: first moment max |diff| {worst:.3g} of {scale:.3g}; weights max |diff| "
+          f"{float(diff.max()):.3g}, {float((diff <= 1e-7).float().mean()):.4f} within 1e-7, "
+          f"{float((diff <= 1e-6).float().mean()):.4f} within 1e-6")
+    assert scale > 0 and worst <= 1e-3 * scale
+    assert float(diff.max()) <= PARALLEL_STEPS * 1e-3 and float((diff <= 1e-6).float().mean()) >= 0.99
+    events = [r for r in _run_log(parallel_runs["ddp"]) if r.get("event") == "checkpoint"]
+    assert [e["step"] for e in events] == [2, 4]
+    assert all(len(e["rank_digests"]) == 2 and len(set(e["rank_digests"])) == 1 for e in events)  # same weights
+
+
+def test_sigkill_then_resume_equals_the_uninterrupted_run_exactly(parallel_runs):
+    import safetensors.torch
+
+    a, b = _final_checkpoint(parallel_runs["killed"]), _final_checkpoint(parallel_runs["single"])
+    for name in b["trainable_names"]:
+        assert torch.equal(a["trainable"][name], b["trainable"][name]), name
+    for i, sb in b["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(a["optimizer"]["state"][i][key], sb[key])
+    steps = lambda out: [(r["step"], r["loss"], r["band_low"], r["band_high"]) for r in _run_log(out) if "loss" in r]  # noqa
+    assert steps(parallel_runs["killed"]) == steps(parallel_runs["single"])  # the log reads as one run
+    for name in ("disc.safetensors", "loras/disc_kv.safetensors", "embeddings/disc.safetensors",
+                 "embeddings/disc_high.safetensors"):
+        ea = safetensors.torch.load_file(str(parallel_runs["killed"] / name))
+        eb = safetensors.torch.load_file(str(parallel_runs["single"] / name))
+        assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in eb), name
+
+
 # ---- masks from clicked points (a manifest row with positive_points / negative_points and no mask) ------------
 
 def _points_test_module():

@@ -10,7 +10,8 @@ low-pass, high-pass (the official grayscale FFT bands, ``image_ops.frequency.pap
 and its token (S*_LF, S*_HF or their sum) at the placeholder of ``instance_prompt``; the latent is noised only
 inside the 5×-dilated subject mask (MGDP, Eq. 6) and the loss is masked and area-normalised (Eq. 7); another
 photo of the subject, noised with the same noise at t − 2, runs through the same UNet as the reference whose
-middle/decoder self-attention inputs feed RRA (Eq. 8–9). Each sample brings one class image (prior
+middle/decoder self-attention inputs feed RRA (Eq. 8–9) (``reference_noise: independent``, not official, gives
+the reference its own noise draw instead). Each sample brings one class image (prior
 preservation, full mask, weight 1.0). Losses: instance + prior + 0.1·cross-attention (placeholder map vs subject
 mask) + 0.1·reference attention (Eq. 10), both at the 1/4-latent grid (16×16 at 512 px).
 
@@ -77,7 +78,11 @@ class EqDiffConfig(TrainConfig):
     prior_cfg: float = option(7.5, "CFG scale of the generated class images", minimum=0.0)
     resolution: int = option(512, "training side in pixels (a multiple of 64)", minimum=64)
     band_probabilities: list[float] = option([0.1, 0.1, 0.8], "p_l, p_h, p_o of Eq. 5")
-    dilation: int = option(5, "5x5 max-pool iterations on the latent subject mask (MGDP)", minimum=0)
+    dilation: int = option(5, "max-pool iterations on the latent subject mask (MGDP)", minimum=0)
+    dilation_kernel: int = option(5, "window of each dilation max-pool (official 5x5; odd)", minimum=1)
+    reference_noise: str = option("same", "noise of the training reference at t - 2: 'same' as the target's "
+                                          "(official) or 'independent' (its own draw)",
+                                  choices=("same", "independent"))
     cross_attention_weight: float = option(0.1, "weight of the placeholder cross-attention loss", minimum=0.0)
     reference_attention_weight: float = option(0.1, "weight of the reference attention loss (Eq. 10)",
                                                minimum=0.0)
@@ -103,6 +108,8 @@ class EqDiffConfig(TrainConfig):
         prompt = self.resolved_instance_prompt()
         if self.placeholder and self.placeholder not in prompt.split():
             problems.append(f"instance_prompt {prompt!r} does not contain the placeholder {self.placeholder!r}")
+        if self.dilation_kernel % 2 == 0:
+            problems.append(f"dilation_kernel must be odd, got {self.dilation_kernel}")
         if self.gradient_checkpointing:
             problems.append("gradient_checkpointing is not supported by the EqDiff trainer")
         return problems
@@ -231,7 +238,7 @@ class EqDiffMethod(TrainingMethod):
         x0 = torch.stack([self.band_latent(i, p, b) for i, p, b in zip(indices, batch["pixels"], bands)]).to(device)
         hw = tuple(x0.shape[-2:])
         mask = batch["mask"].to(device)
-        subject_cells = dilate(latent_mask(mask, hw), cfg.dilation)
+        subject_cells = dilate(latent_mask(mask, hw), cfg.dilation, cfg.dilation_kernel)
         t = rng.randint(0, len(model.model_sampling.sigmas))
         sigma = model.model_sampling.sigmas.to(device)[t].float()
         noise = rng.randn(*x0.shape[1:])
@@ -245,7 +252,6 @@ class EqDiffMethod(TrainingMethod):
         ref0 = torch.stack([self.latents(("subject", j, fdte.ORIGINAL), item["pixels"])
                             for j, item in zip(ref_indices, ref_items)]).to(device)
         ref_mask = torch.stack([item["mask"] for item in ref_items]).to(device)
-        ref_x, ref_sigma = reference_input(model, ref0, sigma, "training", noise=noise, gap=REFERENCE_TIME_GAP)
 
         # prior preservation: one class image per sample, full mask
         prior_index = rng.randint(0, len(self.class_pixels))
@@ -255,6 +261,9 @@ class EqDiffMethod(TrainingMethod):
         prior_sigma = model.model_sampling.sigmas.to(device)[prior_t].float()
         prior_noise = rng.randn(*x0.shape[1:])
         prior_x = noised(model, prior0, prior_noise, prior_sigma)
+        # drawn after every official draw, so the default ('same') keeps the official draws and their order
+        ref_noise = noise if cfg.reference_noise == "same" else rng.randn(*x0.shape[1:])
+        ref_x, ref_sigma = reference_input(model, ref0, sigma, "training", noise=ref_noise, gap=REFERENCE_TIME_GAP)
 
         prompt = cfg.resolved_instance_prompt()
         contexts = [fdte.encode_with_vector(self.clip, prompt, cfg.placeholder, fdte.band_token(self.tokens, b))

@@ -16,7 +16,22 @@ losses. Arms:
 * ``full``    — the method as trained by ``python -m train.eqdiff`` (subject masks, RRA);
 * ``no_rra``  — RRA left at its zero initialisation (exactly the stock attention) and its loss weight 0;
 * ``no_mgdp`` — no masks: the trainer's own behaviour for photos without masks (the whole image noised and in
-  the loss; the attention losses then see a full mask).
+  the loss; the attention losses then see a full mask);
+* ``full_indep`` — ``full`` with the training reference noised by its own noise draw (``reference_noise:
+  independent``), not the target's: not the official recipe, the check of the shortcut described below.
+
+Why the ``full_indep`` arm: in the official training (and the trainer's), the reference — another photo of the
+subject — is noised at t − 2 with *the same noise* as the target. The noise is then readable, position by
+position, from the reference, so RRA can lower the loss by copying it; at inference the reference is clean
+(official pipeline, the node's default) and that shortcut is gone. Measure (a) is therefore also taken with the
+reference in the training mode (``held_training_reference``: training view 0 at t − 2 with the target's noise),
+which shows how much of RRA's training gain is that shortcut, and with another subject's photo in that mode
+(``held_training_other_reference``): if that is as good, what RRA reads is the noise, not the subject.
+
+Mask dilation: official 5 iterations of a 5×5 max-pool on the 64×64 latent grow the mask by 10 cells, 1/6.4 of the
+side; the lab's 8×8 latent scales that to 1.25 cells, so the miniature dilates once with a 3×3 window (1 cell; one
+5×5 pool would grow by 2 cells, 1/4 of the side, and 5 of them cover the whole latent). The held-out views are
+noised inside the same dilated box and scored inside the box.
 
 Measures (fixed noises, the same for every arm of a seed):
 
@@ -62,7 +77,8 @@ from train.optim import build_optimizer  # noqa: E402
 from train.randomness import SampleRandom  # noqa: E402
 
 ARMS = {"full": "EqDiff as trained (masks, RRA)", "no_rra": "RRA at zero init (stock attention), no RRA loss",
-        "no_mgdp": "no masks: whole image noised and in the loss"}
+        "no_mgdp": "no masks: whole image noised and in the loss",
+        "full_indep": "full, training reference with its own noise (not official)"}
 EVAL_TIMESTEPS = (800, 650, 500, 350)
 PLACEHOLDER = "sks"
 PROMPT = f"a photo of {PLACEHOLDER} {CLASS_WORD}"
@@ -113,7 +129,9 @@ def subject_views(seed: int, train_views: int, held_views: int) -> dict:
 def build_method(arm: str, args, model, patcher, clip, data: dict, device) -> EqDiffMethod:
     """``EqDiffMethod`` with what its ``build``/``make_dataset`` would attach, from the lab's objects instead of a
     checkpoint file, a VAE and a class-image folder (its ``training_loss`` is then the trainer's, unchanged)."""
-    cfg = EqDiffConfig(class_word=CLASS_WORD, placeholder=PLACEHOLDER, dilation=args.dilation, steps=args.steps,
+    cfg = EqDiffConfig(class_word=CLASS_WORD, placeholder=PLACEHOLDER, dilation=args.dilation,
+                       dilation_kernel=args.dilation_kernel, steps=args.steps,
+                       reference_noise="independent" if arm == "full_indep" else "same",
                        batch_size=args.batch, learning_rate=args.lr, num_class_images=args.class_images,
                        reference_attention_weight=0.0 if arm == "no_rra" else 0.1, seed=args.seed_offset)
     method = EqDiffMethod(cfg)
@@ -153,11 +171,17 @@ def trainable(method: EqDiffMethod, model, arm: str) -> list[torch.nn.Parameter]
 
 
 @torch.no_grad()
-def held_out_errors(method, model, data, device, reference: str = "view", strength: float = 1.0) -> torch.Tensor:
-    """[timesteps, held views] box error of the one-step clean prediction (see the module doc)."""
+def held_out_errors(method, model, data, device, reference: str = "view", strength: float = 1.0,
+                    mode: str = "clean") -> torch.Tensor:
+    """[timesteps, held views] box error of the one-step clean prediction (see the module doc); ``mode`` is the
+    reference's: clean (official inference, the node's default) or training (t − 2, the target's noise)."""
+    from model_patches.eqdiff import REFERENCE_TIME_GAP
+    from model_patches.eqdiff_mask import dilate
+
     held = data["held"]
     x0 = torch.stack([S.space_to_depth(p) for p, _, _ in held]).to(device)
     cells = torch.stack([latent_mask(m, tuple(x0.shape[-2:]))[0] for _, m, _ in held]).to(device)
+    noised_cells = dilate(cells, method.config.dilation, method.config.dilation_kernel)
     ref_pixels = data["train"][0][0] if reference == "view" else data["other"]
     ref0 = S.space_to_depth(ref_pixels)[None].to(device)
     context = fdte.encode_with_vector(method.clip, PROMPT, PLACEHOLDER,
@@ -167,10 +191,14 @@ def held_out_errors(method, model, data, device, reference: str = "view", streng
     for t in EVAL_TIMESTEPS:
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5000 + t)).to(device)
         sigma = model.model_sampling.sigmas[t].float().expand(len(held)).to(device)
-        x = mgdp_input(noised(model, x0, noise, sigma), x0, cells)
-        ref_x, ref_sigma = reference_input(model, ref0, sigma[:1], "clean")
+        x = mgdp_input(noised(model, x0, noise, sigma), x0, noised_cells)
+        if mode == "clean":
+            ref_x, ref_sigma = reference_input(model, ref0, sigma[:1], "clean")
+        else:  # one reference per row, each noised with its row's noise, as in training
+            ref_x, ref_sigma = reference_input(model, ref0.expand(len(held), -1, -1, -1), sigma, "training",
+                                               noise=noise, gap=REFERENCE_TIME_GAP)
         out = eqdiff_forward(model, method.transformer_options, method.slots, method.rra, x, sigma, context,
-                             ref_x, ref_sigma, context[:1], strength=strength)
+                             ref_x, ref_sigma, context[:ref_x.shape[0]], strength=strength)
         rows.append(evaluation.region_error(out, x0, cells).cpu())
     return torch.stack(rows)
 
@@ -219,7 +247,10 @@ def leakage(images: torch.Tensor, data: dict) -> dict:
 def evaluate(method, model, patcher, data, args, device) -> dict:
     out = {"held": held_out_errors(method, model, data, device).tolist(),
            "held_other_reference": held_out_errors(method, model, data, device, reference="other").tolist(),
-           "held_no_reference": held_out_errors(method, model, data, device, strength=0.0).tolist()}
+           "held_no_reference": held_out_errors(method, model, data, device, strength=0.0).tolist(),
+           "held_training_reference": held_out_errors(method, model, data, device, mode="training").tolist(),
+           "held_training_other_reference": held_out_errors(method, model, data, device, reference="other",
+                                                            mode="training").tolist()}
     out["generation"] = leakage(generated(method, patcher, args.samples, args.sample_steps, args.cfg), data)
     return out
 
@@ -234,7 +265,7 @@ def run_arm(arm: str, seed: int, args, device) -> dict:
     ctx = types.SimpleNamespace(base=types.SimpleNamespace(model=model, patcher=patcher), device=device, step=0)
     result = {"arm": arm, "seed": seed, "subject_id": data["subject_id"], "steps": args.steps, "batch": args.batch,
               "lr": args.lr, "train_views": args.train_views, "held_views": args.held_views,
-              "dilation": args.dilation}
+              "dilation": args.dilation, "dilation_kernel": args.dilation_kernel}
     if arm == "full":  # the untouched base with the initial tokens (RRA at zero init): what fine-tuning starts from
         result["base"] = evaluate(method, model, patcher, data, args, device)
     order = torch.Generator().manual_seed(10_000 + seed)  # the same sample order for every arm of a seed
@@ -281,21 +312,25 @@ def print_table(results: list[dict]) -> None:
     rows += [(f"{a}: {ARMS[a]}", by_arm.get(a, [])) for a in ARMS]
     print(f"\n(a) held-out view box error (one-step clean prediction, mean over t in {EVAL_TIMESTEPS}) and (b) "
           f"generation, mean ± sd over seeds")
-    print(f"{'arm':<58} {'seeds':>5} {'held-out ↓':>14} {'other ref':>14} {'no ref':>14} {'leakage ↓':>16} "
+    print(f"{'arm':<58} {'seeds':>5} {'held-out ↓':>14} {'other ref':>14} {'no ref':>14} {'train-mode ref':>14} "
+          f"{'leakage ↓':>16} "
           f"{'bg→train':>8} {'bg→ctrl':>8} {'subject↓':>8}")
     for name, rs in rows:
         if not rs:
             continue
         cell = lambda key: evaluation.format_pm(*evaluation.mean_spread([_mean(r[key]) for r in rs]))
         gen = lambda key: evaluation.mean_spread([_mean(r["generation"][key]) for r in rs])
+        train_mode = cell('held_training_reference') if all('held_training_reference' in r for r in rs) else "-"
         print(f"{name:<58} {len(rs):>5} {cell('held'):>14} {cell('held_other_reference'):>14} "
-              f"{cell('held_no_reference'):>14} {evaluation.format_pm(*gen('leakage'), 4):>16} "
+              f"{cell('held_no_reference'):>14} {train_mode:>14} {evaluation.format_pm(*gen('leakage'), 4):>16} "
               f"{gen('to_train')[0]:>8.4f} {gen('to_control')[0]:>8.4f} {gen('subject_match')[0]:>8.4f}")
     print("\npaired, per seed (a − b; negative: a lower), ± standard error over held-out views × timesteps or "
           "over generated samples")
     for a, b, key, label in (("full", "no_rra", "held", "(a) held-out error, full − no_rra"),
                              ("full", "no_mgdp", "leakage", "(b) leakage, full − no_mgdp"),
                              ("full", "no_mgdp", "held", "held-out error, full − no_mgdp"),
+                             ("full_indep", "no_rra", "held", "(a) held-out error, full_indep − no_rra"),
+                             ("full_indep", "full", "held", "held-out error, full_indep − full"),
                              ("full", "full", "ref", "full: own reference − other subject's reference")):
         parts = []
         for ra in by_arm.get(a, []):
@@ -322,14 +357,15 @@ def print_table(results: list[dict]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default="full,no_rra,no_mgdp", help=f"comma list of {sorted(ARMS)}")
+    parser.add_argument("--arms", default="full,no_rra,no_mgdp,full_indep", help=f"comma list of {sorted(ARMS)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per fine-tune (official: 600)")
     parser.add_argument("--batch", type=int, default=2, help="subject views per step, each with a class image")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--dilation", type=int, default=0,
-                        help="5x5 max-pools on the latent mask (official 5 at 64x64 latents; at 8x8 one would "
-                             "already cover the whole scene)")
+    parser.add_argument("--dilation", type=int, default=1,
+                        help="max-pools on the latent mask (official 5 of 5x5 at 64x64 latents = 10 cells; scaled "
+                             "to the 8x8 latent: 1.25 cells, so one 3x3 pool)")
+    parser.add_argument("--dilation-kernel", type=int, default=3, help="window of each dilation pool (odd)")
     parser.add_argument("--train-views", type=int, default=4)
     parser.add_argument("--held-views", type=int, default=8)
     parser.add_argument("--class-images", type=int, default=200)
