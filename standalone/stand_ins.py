@@ -49,6 +49,8 @@ def stand_in_file(folder: str, wanted: str, cache: Path | None = None) -> Path:
         return path
     if folder in EQDIFF_STAND_INS:
         return EQDIFF_STAND_INS[folder](cache)
+    if folder in CUSTOMCONTRAST_STAND_INS:
+        return CUSTOMCONTRAST_STAND_INS[folder](cache)
     raise KeyError(f"no stand-in is known for the model folder {folder!r}")
 
 
@@ -179,3 +181,23 @@ def prompt_embeddings(prompt: dict) -> set[tuple[str, str]]:
             for node in prompt.values() if node["class_type"] == "CLIPTextEncode"
             and isinstance(node["inputs"].get("text"), str)
             for name in EMBEDDING_IN_TEXT.findall(node["inputs"]["text"])}
+
+
+# ---- CustomContrast: the MFI encoder + K_v/V_v file (models/customcontrast) -------------------------------------
+# Built for the tiny SD1.5 checkpoint's cross-attention layers over the full-layout CLIP ViT-L stand-in's layers
+# 8, 16, 24 (the trainer's default "thirds", 1024 wide each), in the format the trainer exports, seeded random.
+LOADER_INPUTS.update({("SC_CustomContrastLoader", "weights_name"): "customcontrast"})
+
+
+def _customcontrast_stand_in(cache: Path) -> Path:
+    path = cache / "customcontrast" / "random_customcontrast_sd15.safetensors"
+    if not path.exists():
+        import comfy.sd
+
+        model = comfy.sd.load_checkpoint_guess_config(str(_tiny_sd15(cache)), output_vae=False,
+                                                      output_clip=False)[0]
+        tiny_models.build_customcontrast_weights(path, model, image_layers=(8, 16, 24), vision_width=1024)
+    return path
+
+
+CUSTOMCONTRAST_STAND_INS = {"customcontrast": _customcontrast_stand_in}
