@@ -351,3 +351,27 @@ def test_the_copy_probe_reads_stock_self_attention_without_changing_it():
     assert layer["key_ratio"] == pytest.approx(16 / 112) and layer["match_uniform"] == pytest.approx(1 / 16)
     overall, per_layer = copy_selectivity(model, data, torch.arange(2), gap=2)
     assert sorted(per_layer) == ["input1.0", "output0.0", "output1.0"] and 0 < overall["match_share"] < 1
+
+
+def test_the_linear_readout_finds_a_planted_position_code_and_not_a_missing_one():
+    from lab.attention_probe import linear_readout_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 16, (512,), generator=g)
+    fit = torch.arange(512) < 256
+    noise = torch.randn(512, 32, generator=g)
+    planted = noise * 0.1
+    planted[:, :16] += torch.nn.functional.one_hot(labels, 16)
+    assert linear_readout_accuracy(planted, labels, 16, fit) == 1.0
+    assert linear_readout_accuracy(noise, labels, 16, fit) < 0.2  # no code: about chance (1/16), seeded
+
+
+def test_the_position_probe_reads_every_layer_of_the_side_by_side_pass():
+    from lab import anylogo_data
+    from lab.anylogo_miniature import position_codes
+
+    model, _ = build_micro_model(seed=3, shape="one-level")
+    data = anylogo_data.build(S.make_pairs(4, S.HELD_OUT_SUBJECTS, 4, seed=2), build_micro_image_encoder(seed=0))
+    codes = position_codes(model, data, gap=2, timesteps=(800,))
+    assert sorted(codes[800]) == ["input1.0", "output0.0", "output1.0"]
+    assert all(0 <= v["query"] <= 1 and 0 <= v["key"] <= 1 and v["chance"] == 1 / 16 for v in codes[800].values())

@@ -421,6 +421,47 @@ def print_table(results: list[dict], chance: float) -> None:
             f"{p['held_other']:.3f}, id {p['held_identified']:.2f}" for p in picks))
 
 
+@torch.no_grad()
+def position_codes(model, data, *, gap: int = 0, timesteps=(800, 350), device="cpu") -> dict:
+    """{t: {layer: held-out accuracy of a linear read-out of the offset of a region query in its region, and of a
+    subject key in its subject, from the layer's q / k}} on the side-by-side input (first half of the pairs fit,
+    second half scored): whether the codes an attention would have to match by position exist at all."""
+    from lab.attention_probe import PositionCodes
+
+    data = data.to(device)
+    z0, concat = side_by_side(data.z0, data.concat, data.subject, gap)
+    source = torch.zeros_like(concat[:1, :1])
+    source[..., :data.subject.shape[2], data.z0.shape[-1] + gap:] = 1
+    context = torch.zeros(z0.shape[0], 1, int(model.model_config.unet_config["context_dim"]), device=device)
+    result = {}
+    for t in timesteps:
+        probe = PositionCodes(concat[:, :1].cpu(), source.cpu())
+        options = {"patches_replace": {"attn1": {slot.key: probe for slot in transformer_slots(model)}}}
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1000 + t)).to(device)
+        sigma = model.model_sampling.sigmas[t].float().expand(z0.shape[0]).to(device)
+        model.apply_model(noised(model, z0, noise, sigma), sigma, c_concat=concat, c_crossattn=context,
+                          transformer_options=options)
+        result[t] = probe.readout()
+    return result
+
+
+def print_position_codes(args) -> None:
+    import safetensors.torch
+
+    model, _ = build_micro_model(seed=0, shape=args.unet_shape)
+    if args.position_probe != "random":
+        state = safetensors.torch.load_file(args.position_probe)
+        unet = {k.removeprefix("unet."): v for k, v in state.items() if not k.startswith("image_projection.")}
+        model.diffusion_model.load_state_dict(unet)
+    held_pairs = S.make_pairs(args.held_pairs, S.HELD_OUT_SUBJECTS, args.held_pairs, seed=2)
+    data = anylogo_data.build(held_pairs, build_micro_image_encoder(seed=0), scale=args.scale)
+    print(f"position codes of {args.position_probe} on the side-by-side input (gap {args.copy_gap}): held-out accuracy "
+          f"of a linear read-out of the region query's offset / the subject key's offset from q / k")
+    for t, layers in position_codes(model, data, gap=args.copy_gap, device=torch.device(args.device)).items():
+        print(f"  t={t}: " + "; ".join(f"{name} query {v['query']:.2f} key {v['key']:.2f} (chance {v['chance']:.2f})"
+                                       for name, v in layers.items()))
+
+
 def match_text(mean: dict) -> str:
     if "match_share" not in mean:
         return ""
@@ -479,6 +520,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="", help="folder for one JSON per (arm, seed); reruns skip those present")
     parser.add_argument("--quick", action="store_true", help="smoke run: decoder and blocked, one seed, 300 steps")
     parser.add_argument("--table-only", action="store_true", help="print the table from --out and stop")
+    parser.add_argument("--position-probe", default="",
+                        help="a result's .safetensors (or 'random'): print whether its q / k carry the position codes "
+                             "a copy by attention needs, and stop")
     parser.add_argument("--receptive-field", action="store_true",
                         help="print the convolutions' reach of each layer of --unet-shape and stop")
     args = parser.parse_args(argv)
@@ -490,6 +534,9 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))] if out else []
     results = [r for r in results if "arm" in r]  # base_*.json describe pretrained bases
+    if args.position_probe:
+        print_position_codes(args)
+        return
     if args.receptive_field:
         print_receptive_field(args)
         return

@@ -181,3 +181,53 @@ class SideBySideProbe:
         self.stats.add(name, attention_statistics(q, k[:, ~source], k[:, source], extra_options["n_heads"],
                                                   region, corresponding))
         return optimized_attention(q, k, v, extra_options["n_heads"])
+
+
+def linear_readout_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, fit: torch.Tensor) -> float:
+    """Held-out accuracy of a ridge least-squares read-out of ``labels`` (ints < ``classes``) from ``features``
+    [N, C]: fitted on the rows where ``fit`` is True, scored on the others (chance about 1 / classes). Tells
+    whether a layer's queries or keys *carry* a position code that an attention could match."""
+    x = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], dim=1)
+    y = torch.nn.functional.one_hot(labels, classes).double()
+    gram = x[fit].T @ x[fit]
+    ridge = 1e-3 * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64)
+    weights = torch.linalg.solve(gram + ridge, x[fit].T @ y[fit])
+    return float(((x[~fit] @ weights).argmax(dim=1) == labels[~fit]).double().mean())
+
+
+class PositionCodes(SideBySideProbe):
+    """On the side-by-side input, keeps each layer's region queries and subject keys with their offset in the
+    region / subject (row-major), then computes ComfyUI's own attention. ``readout`` fits the linear read-out
+    of that offset on the first half of the rows and scores it on the second."""
+
+    def __init__(self, region_mask: torch.Tensor, source_mask: torch.Tensor):
+        super().__init__(SelectivityStats(), region_mask, source_mask)
+        self.kept: dict = {}
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        grid = self.grid(q.shape[1])
+        region = pooled_cells(self.region_mask, grid)
+        source = pooled_cells(self.source_mask, grid)[0]
+        rows = int(source.view(grid).any(dim=1).sum())
+        subject_grid = (rows, int(source.sum()) // max(rows, 1))
+        corresponding = corresponding_keys(region, grid, subject_grid)
+        name = f"{extra_options['block'][0]}{extra_options['block'][1]}.{extra_options.get('block_index', 0)}"
+        self.kept[name] = (q.detach().cpu(), k.detach().cpu()[:, source.to(k.device).cpu()], corresponding,
+                           subject_grid[0] * subject_grid[1])
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    def readout(self) -> dict:
+        result = {}
+        for name, (q, k_sub, corresponding, classes) in self.kept.items():
+            b = q.shape[0]
+            pair = torch.arange(b).view(b, 1).expand_as(corresponding)
+            chosen = corresponding >= 0
+            q_fit = pair[chosen] < b // 2
+            k_labels = torch.arange(classes).repeat(b)
+            k_fit = torch.arange(b).repeat_interleave(classes) < b // 2
+            result[name] = {"query": linear_readout_accuracy(q[chosen], corresponding[chosen], classes, q_fit),
+                            "key": linear_readout_accuracy(k_sub.reshape(b * classes, -1), k_labels, classes, k_fit),
+                            "chance": 1.0 / classes}
+        return result
