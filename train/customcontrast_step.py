@@ -37,6 +37,7 @@ class LossWeights:
     location: float = 1e-3        # λ2
     temperature: float = 0.07     # τ of MACL
     min_similarity: float = 0.25  # clamp of r_ij before α = 1/r (α <= 4; see customcontrast_losses)
+    terms: tuple = ("cscl", "macl")  # which contrastive terms λ1 weighs (the paper's Table 4 ablates each)
 
 
 @dataclass
@@ -142,7 +143,8 @@ def customcontrast_loss(patch: BatchPatch, patched, inputs: StepInputs, sigma: t
     attention = state.recorder.aggregated(0, size=inputs.z0.shape[-2:])
     state.recorder.close()  # gradient checkpointing replays the attention in backward
     l_loc = location_loss(attention, inputs.masks.to(attention))
-    total = ldm + weights.contrastive * (l_c + l_m) + weights.location * l_loc
+    contrastive = ("cscl" in weights.terms) * l_c + ("macl" in weights.terms) * l_m
+    total = ldm + weights.contrastive * contrastive + weights.location * l_loc
     state.outputs = None
     parts = {"ldm": ldm, "cscl": l_c, "macl": l_m, "loc": l_loc}
     return total, {k: v.detach() for k, v in parts.items()}

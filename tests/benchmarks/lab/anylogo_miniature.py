@@ -79,8 +79,10 @@ DEFAULT_STEPS = 1500
 def setup_data(args, encoder):
     train_pairs = S.make_pairs(args.train_pairs, S.TRAIN_SUBJECTS, args.train_subjects, seed=1)
     held_pairs = S.make_pairs(args.held_pairs, S.HELD_OUT_SUBJECTS, args.held_pairs, seed=2)
-    build = lambda pairs, ids=None: anylogo_data.build(pairs, encoder, ids, encoder_pool=args.encoder_pool,  # noqa
-                                                       scale=args.scale)
+
+    def build(pairs, ids=None):
+        return anylogo_data.build(pairs, encoder, ids, encoder_pool=args.encoder_pool, scale=args.scale)
+
     pool = build(train_pairs)
     # candidate 0 is the pair's own subject; the others are other held-out pairs' subjects, fixed per pair
     gen = torch.Generator().manual_seed(3)

@@ -7,7 +7,8 @@ encoder and K_v/V_v on the pretrained micro base (``micro_base``; UNet and text 
 (``BatchPatch``), per-layer S+ through ComfyUI's CLIP object, the decoupled visual attention. Arms:
 
   ldm   λ1 = 0 (L_LDM alone);
-  mcl   λ1 = --lambda1 (default the paper's 1e-2): L_LDM + λ1 (CSCL + MACL).
+  mcl   λ1 = --lambda1 (default the paper's 1e-2): L_LDM + λ1 (CSCL + MACL);
+  macl, cscl   one of the two terms only (the paper's Table 4 ablates them so).
 λ2 = 0 in both (L_loc is not what is asked about). τ 0.07, MACL's r clamp 0.25 as in the trainer.
 
 Data: textured glyphs (``subjects.textured_subject``) as subjects; a *view* of a subject is the glyph flipped or
@@ -134,7 +135,8 @@ def run_arm(arm: str, seed: int, args, base) -> dict:
     encoder, visual = MFIEncoder(config), VisualAttention(slots, 64)
     prompt = PlaceholderPrompt.of(clip, CAPTION, "sks")
     patch, patched = batch_patch(patcher, slots, encoder, visual, prompt)
-    weights = LossWeights(contrastive=args.lambda1 if arm == "mcl" else 0.0, location=0.0)
+    terms = {"mcl": ("cscl", "macl"), "macl": ("macl",), "cscl": ("cscl",)}.get(arm, ())
+    weights = LossWeights(contrastive=args.lambda1 if terms else 0.0, location=0.0, terms=terms)
     params = list(encoder.parameters()) + list(visual.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     before = distance_ratios(encoder, views)
@@ -179,11 +181,11 @@ def print_table(results: list[dict]) -> None:
     for arm, runs in sorted(by_arm.items()):
         print(f"{arm:<6} {len(runs):>5} " + " ".join(f"{fmt([r['after'][k] for r in runs.values()]):>18}"
                                                     for k in keys))
-    if "ldm" in by_arm and "mcl" in by_arm:
-        seeds = sorted(set(by_arm["ldm"]) & set(by_arm["mcl"]))
+    for arm in sorted(set(by_arm) - {"ldm"}):
+        seeds = sorted(set(by_arm.get("ldm", {})) & set(by_arm[arm]))
         if seeds:
-            diffs = {k: [by_arm["mcl"][s]["after"][k] - by_arm["ldm"][s]["after"][k] for s in seeds] for k in keys}
-            print(f"{'mcl-ldm':<6} {len(seeds):>5} " + " ".join(f"{fmt(diffs[k]):>18}" for k in keys)
+            diffs = {k: [by_arm[arm][s]["after"][k] - by_arm["ldm"][s]["after"][k] for s in seeds] for k in keys}
+            print(f"{arm + '-ldm':<9} {len(seeds):>2} " + " ".join(f"{fmt(diffs[k]):>18}" for k in keys)
                   + "   (paired, per seed)")
 
 
