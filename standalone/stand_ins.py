@@ -51,6 +51,8 @@ def stand_in_file(folder: str, wanted: str, cache: Path | None = None) -> Path:
         return EQDIFF_STAND_INS[folder](cache)
     if folder in CUSTOMCONTRAST_STAND_INS:
         return CUSTOMCONTRAST_STAND_INS[folder](cache)
+    if folder in P3S_STAND_INS:
+        return P3S_STAND_INS[folder](cache)
     raise KeyError(f"no stand-in is known for the model folder {folder!r}")
 
 
@@ -201,3 +203,46 @@ def _customcontrast_stand_in(cache: Path) -> Path:
 
 
 CUSTOMCONTRAST_STAND_INS = {"customcontrast": _customcontrast_stand_in}
+
+
+# ---- P3S: a trained subject file (models/p3s) and the trainer node's run length ------------------------------
+# The stand-in is built for the tiny SD1.5 checkpoint in the trainer's export format (the pack's own export and
+# save functions), with seeded random projections and gates so the injection visibly acts, an RNGR encoder for
+# the stand-in CLIP ViT-L (width 1024) and a random stored reference: P3S Loader/Apply take the trained path.
+LOADER_INPUTS.update({("SC_P3SLoader", "weights_name"): "p3s",
+                      ("SC_P3STrainSubject", "ckpt_name"): "checkpoints",
+                      ("SC_P3STrainSubject", "clip_vision_name"): "clip_vision"})
+SPEED_CAPS.update({("SC_P3STrainSubject", "epochs"): 2, ("SC_P3STrainSubject", "resolution"): 64})
+
+
+def _p3s_stand_in(cache: Path, seed: int = 0) -> Path:
+    path = cache / "p3s" / "random_p3s_sd15.safetensors"
+    if not path.exists():
+        import comfy.sd
+        import torch
+
+        from model_patches.p3s_copy import InjectionCopy, layout_signature
+        from model_patches.p3s_rngr import RNGREncoder
+        from model_patches.p3s_weights import export_tensors, save_p3s_weights
+        from model_patches.unet_layout import ARCHITECTURES
+
+        model = comfy.sd.load_checkpoint_guess_config(str(_tiny_sd15(cache)), output_vae=False,
+                                                      output_clip=False)[0]
+        copy = InjectionCopy(model)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for proj in (*copy.self_proj, *copy.cross_proj):
+                proj.weight.copy_(torch.randn(proj.weight.shape, generator=generator) * 0.05)
+            copy.gates.copy_(0.5 + torch.rand(copy.gates.shape, generator=generator))
+        width = 1024  # the stand-in CLIP ViT-L's hidden width, so a wired reference also fits
+        tensors = export_tensors(copy, RNGREncoder(clip_width=width), torch.randn(1, 4, 8, 8, generator=generator),
+                                 torch.randn(1, 257, width, generator=generator))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_p3s_weights(path, tensors, {
+            "base_architecture": ARCHITECTURES[4], "copy_layout": layout_signature(model), "lambda": 0.2,
+            "resolution": 64, "clip_size": 224, "clip_width": width, "identifier": "sks", "class_word": "badge",
+            "prompt": "a photo of sks badge", "tiny_model": "random-p3s"})
+    return path
+
+
+P3S_STAND_INS = {"p3s": _p3s_stand_in}
