@@ -8,7 +8,7 @@
 
 On CPU the absolute times mean little; the ratios are what to read.
 
-    COMFYUI_PATH=/opt/ComfyUI python tests/benchmarks/bench_p3s.py [--full] [--side 256] [--steps 2]
+    COMFYUI_PATH=/opt/ComfyUI python tests/benchmarks/bench_p3s.py [--full] [--side 512] [--steps 2] [--skip-tiny]
 """
 from __future__ import annotations
 
@@ -30,33 +30,92 @@ bench_anylogo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_anylogo)
 
 
-def p3s_variants(model):
+def p3s_variants(model, side):
     from model_patches.p3s import P3SSettings, build_patch
     from model_patches.p3s_copy import InjectionCopy
     from model_patches.p3s_rngr import RNGREncoder
 
     copy = InjectionCopy(model)
+    with torch.no_grad():  # non-zero gates: the widened attention runs as with a trained copy
+        copy.gates.fill_(1.0)
     variants = {"unpatched": model}
     for name, cross in (("P3S", True), ("P3S, no cross-attention", False)):
         patched = model.clone()
-        build_patch(patched, copy, RNGREncoder(clip_width=1024), torch.randn(1, 4, 64, 64),
+        build_patch(patched, copy, RNGREncoder(clip_width=1024), torch.randn(1, 4, side // 8, side // 8),
                     torch.randn(1, 257, 1024), P3SSettings(cross_attention=cross)).install(patched)
         variants[name] = patched
     return variants, sum(p.numel() for p in copy.parameters()), sum(
         p.numel() for p in model.model.diffusion_model.parameters())
 
 
-def sampling(label, model, positive, negative, side, steps, repeats):
-    variants, copy_params, unet_params = p3s_variants(model)
-    bench_anylogo.run(model, positive, negative, side, 1)
+class Timers:
+    """Wall time spent inside chosen functions during one sampling run (wrapped in place, restored after)."""
+
+    def __init__(self, targets: dict):
+        self.targets, self.spent, self.saved = targets, {name: 0.0 for name in targets}, {}
+
+    def __enter__(self):
+        for name, (owner, attribute) in self.targets.items():
+            original = getattr(owner, attribute)
+            self.saved[name] = (attribute in vars(owner), original)
+
+            def timed(*args, _original=original, _name=name, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.spent[_name] += time.perf_counter() - start
+            setattr(owner, attribute, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for name, (owner, attribute) in self.targets.items():
+            own, original = self.saved[name]
+            if own:
+                setattr(owner, attribute, original)
+            else:  # an instance attribute that shadowed the class's method (a module's forward)
+                delattr(owner, attribute)
+
+
+def where_the_time_goes(variants, positive, negative, side, steps):
+    """One P3S run with timers on the copy's forward and the gated self-attention (the host's kernel over the
+    own keys and over own + appended), beside one unpatched run with a timer on all its attention kernels."""
+    import comfy.ldm.modules.attention as attention
+    from model_patches import p3s
+
+    patch = variants["P3S"].get_attachment(p3s.ATTACHMENT)
+    with Timers({"copy": (patch.copy, "forward"), "gated": (p3s, "gated_self_attention")}) as timers:
+        total = bench_anylogo.run(variants["P3S"], positive, negative, side, steps)
+    with Timers({"kernels": (attention, "optimized_attention")}) as plain:
+        base = bench_anylogo.run(variants["unpatched"], positive, negative, side, steps)
+    per_step = {k: v / steps for k, v in (*timers.spent.items(), *plain.spent.items())}
+    print(f"where the time goes (one more run of {steps} step(s) each; P3S {total:.3f} s/step, unpatched "
+          f"{base:.3f} s/step):")
+    rows = [("P3S: injection copy forward", per_step["copy"], total),
+            ("P3S: gated self-attention (2 kernel calls)", per_step["gated"], total),
+            ("P3S: the rest (frozen UNet, widening, g)", total - per_step["copy"] - per_step["gated"], total),
+            ("unpatched: attention kernels (self + cross)", per_step["kernels"], base)]
+    for name, value, of in rows:
+        print(f"  {name:<46}{value:>8.3f} s/step {value / of:>6.1%}")
+
+
+def sampling(label, model, positive, negative, side, steps, repeats, profile=False):
+    variants, copy_params, unet_params = p3s_variants(model, side)
+    for name, m in variants.items():  # warm-up of every variant: loading (the copy too), allocators, caches
+        seconds = bench_anylogo.run(m, positive, negative, side, 1)
+        print(f"  warm-up {name}: {seconds:.3f} s (not counted)", flush=True)
     best = {name: float("inf") for name in variants}
-    for _ in range(repeats):
+    for repeat in range(repeats):  # interleaved so load changes hit every variant alike
         for name, m in variants.items():
-            best[name] = min(best[name], bench_anylogo.run(m, positive, negative, side, steps))
+            seconds = bench_anylogo.run(m, positive, negative, side, steps)
+            best[name] = min(best[name], seconds)
+            print(f"  repeat {repeat + 1} {name}: {seconds:.3f} s/step", flush=True)
     print(f"\n{label}, {side}x{side} px, CFG on, batch 1, best of {repeats} x {steps} steps; copy "
           f"{copy_params / 1e6:.0f}M parameters = {copy_params / unet_params:.2f} of the UNet's {unet_params / 1e6:.0f}M")
     for name in variants:
         print(f"{name:<28}{best[name]:>10.3f} s/step{best[name] / best['unpatched']:>8.2f}x")
+    if profile:
+        where_the_time_goes(variants, positive, negative, side, steps)
 
 
 def training(model, clip, repeats):
@@ -114,8 +173,9 @@ def training(model, clip, repeats):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--full", action="store_true", help="also the full-size SD1.5 UNet (slow on CPU)")
-    parser.add_argument("--side", type=int, default=256)
+    parser.add_argument("--side", type=int, default=512, help="image side of the full-size run (SD1.5: 512)")
     parser.add_argument("--steps", type=int, default=2, help="sampling steps per measurement, full-size UNet")
+    parser.add_argument("--skip-tiny", action="store_true", help="only the full-size run")
     parser.add_argument("--tiny-steps", type=int, default=6, help="sampling steps per measurement, tiny UNet "
                         "(enough that the per-call set-up of comfy.sample does not dominate)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -131,11 +191,12 @@ def main():
     positive = nodes.CLIPTextEncode().encode(clip, "a photo of sks toy")[0]
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads: {torch.get_num_threads()}")
-    sampling("tiny SD1.5 UNet", model, positive, negative, 64, args.tiny_steps, args.repeats)
-    training(model, clip, args.repeats)
+    if not args.skip_tiny:
+        sampling("tiny SD1.5 UNet", model, positive, negative, 64, args.tiny_steps, args.repeats)
+        training(model, clip, args.repeats)
     if args.full:
         sampling("full-size SD1.5 UNet (random weights)", bench_anylogo.full_size_sd15_patcher(False), positive,
-                 negative, args.side, args.steps, args.repeats)
+                 negative, args.side, args.steps, args.repeats, profile=True)
 
 
 if __name__ == "__main__":
