@@ -155,7 +155,7 @@ def test_export_metadata_and_what_trains(trained):
     assert meta["base_hash"] == f"sha256:{trainer.ctx.base.sha256}"
     assert weights.image_layers == [2, 4, 6]  # thirds of the tiny 6-layer CLIP vision
     assert all(n.startswith(("encoder.", "visual.")) for n in trainer.names)
-    moved = max(float(p.abs().max()) for n, p in weights.visual_attention.named_parameters())
+    moved = max(float(p.detach().abs().max()) for n, p in weights.visual_attention.named_parameters())
     assert moved > 1e-4, "K_v/V_v start at zero and must have trained"
 
 
