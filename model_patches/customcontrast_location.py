@@ -51,19 +51,47 @@ def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(b, length, heads, inner // heads).transpose(1, 2)
 
 
-def key_positions(key_length: int, prompt_length: int, positions) -> list[int]:
+def _per_row(indices) -> bool:
+    return bool(indices) and isinstance(indices[0], (list, tuple))
+
+
+def _row_index(indices, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row key indices (a list of ``rows`` lists, lengths may differ) → (index [rows, P] padded with 0,
+    valid [rows, P] 0/1)."""
+    if len(indices) != rows:
+        raise ValueError(f"placeholder positions for {len(indices)} rows, the layer has {rows} conditional rows")
+    width = max(len(r) for r in indices)
+    index = torch.zeros(rows, width, dtype=torch.long, device=device)
+    valid = torch.zeros(rows, width, device=device)
+    for r, row in enumerate(indices):
+        index[r, :len(row)] = torch.tensor(list(row), dtype=torch.long, device=device)
+        valid[r, :len(row)] = 1.0
+    return index, valid
+
+
+def key_positions(key_length: int, prompt_length: int, positions) -> list:
     """Indices of the placeholder's keys in a context of ``key_length`` tokens made by repeating a prompt of
-    ``prompt_length`` tokens (ComfyUI repeats contexts to a common length when it batches prompts)."""
+    ``prompt_length`` tokens (ComfyUI repeats contexts to a common length when it batches prompts). ``positions``
+    may also hold one list per conditional row (a training batch of different captions): then one list per row."""
+    if _per_row(positions):
+        return [key_positions(key_length, prompt_length, p) for p in positions]
     if key_length % prompt_length:
         raise ValueError(f"a context of {key_length} tokens is not a repeat of the {prompt_length}-token prompt")
     return [r * prompt_length + p for r in range(key_length // prompt_length) for p in positions]
 
 
 def placeholder_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int, indices) -> torch.Tensor:
-    """[B, heads, Lq, P]: softmax(QK^T/sqrt(d)) over all keys, the columns of the placeholder keys ``indices``."""
+    """[B, heads, Lq, P]: softmax(QK^T/sqrt(d)) over all keys, the columns of the placeholder keys ``indices``
+    (per-row indices: each row's own columns, a shorter row's padding columns 0)."""
     qh, kh = _split_heads(q.float(), heads), _split_heads(k.float(), heads)
     logits = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])
-    return torch.softmax(logits, dim=-1)[..., list(indices)]
+    probabilities = torch.softmax(logits, dim=-1)
+    if not _per_row(indices):
+        return probabilities[..., list(indices)]
+    index, valid = _row_index(indices, q.shape[0], q.device)
+    b, h, lq, _ = probabilities.shape
+    picked = probabilities.gather(-1, index[:, None, None, :].expand(b, h, lq, index.shape[1]))
+    return picked * valid[:, None, None, :]
 
 
 def placeholder_map(probabilities: torch.Tensor) -> torch.Tensor:
@@ -114,14 +142,22 @@ class AttentionRecorder:
     ``record`` is called by the decoupled attention of each layer; ``aggregated`` gives Ā_g of a subject."""
     keep_grad: bool = False
     maps: dict = field(default_factory=dict)   # (layer, subject) → LayerMaps
+    closed: bool = False                       # after ``close()``: records are ignored
 
     def __deepcopy__(self, memo):  # lives in transformer_options, which ComfyUI copies
         return self
+
+    def close(self) -> None:
+        """Ignore later records: a block checkpointed in training runs its attention again in backward (the
+        same maps, which must be computed again for the recomputation, but not stored twice)."""
+        self.closed = True
 
     def record(self, layer, subject: int, size, *, visual: torch.Tensor | None = None,
                placeholder: torch.Tensor | None = None) -> None:
         """Store layer ``layer``'s maps of ``subject``: ``visual`` / ``placeholder`` [B, h*w] for a layer of
         ``size`` (h, w). Recording a layer twice in one call (a UNet run twice on the state) is refused."""
+        if self.closed:
+            return
         if (layer, subject) in self.maps:
             raise RuntimeError(f"layer {layer!r} recorded twice for subject {subject} in one call; use a new "
                                "AttentionRecorder per UNet call")
@@ -180,7 +216,12 @@ def mask_placeholder(text_out: torch.Tensor, probabilities: torch.Tensor, v: tor
     [B, Lq] (the other tokens' weights unchanged, no renormalisation):
     ``out - Σ_p (1 - keep) · A[:, p] v_p`` per head, ``probabilities`` [B, heads, Lq, P] from
     ``placeholder_probabilities``."""
-    v_p = _split_heads(v.float(), heads)[:, :, list(indices)]              # [B, heads, P, d]
+    vh = _split_heads(v.float(), heads)
+    if _per_row(indices):  # padding columns carry probability 0, so their value rows remove nothing
+        index, _ = _row_index(indices, v.shape[0], v.device)
+        v_p = vh.gather(2, index[:, None, :, None].expand(vh.shape[0], heads, index.shape[1], vh.shape[-1]))
+    else:
+        v_p = vh[:, :, list(indices)]                                        # [B, heads, P, d]
     removed = (probabilities * (1 - keep.float())[:, None, :, None]) @ v_p   # [B, heads, Lq, d]
     b, _, lq, d = removed.shape
     return text_out - removed.transpose(1, 2).reshape(b, lq, heads * d).to(text_out)

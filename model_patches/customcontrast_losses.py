@@ -12,8 +12,12 @@ W identical gradients of a rank's own rows, and averaging divides by W again).
 * **MACL (Eq. 7):** for every positive pair (i, j) — two views of the same subject, i ≠ j —
   ``L_m^{ij} = -Σ_a log(e^{α_ij cos^a_ij / τ} / Σ_{k≠i} e^{α_ik cos^a_ik / τ})`` with ``cos^a_ij`` the cosine
   of the S+ tokens of layer a and ``α_ij = 1 / r_ij``, ``r_ij`` the cosine of the CLIP image embeddings of the
-  segmented subjects. ``L_m`` is the mean over positive pairs. ``r`` is clamped at ``min_similarity`` (0.05):
-  a non-positive appearance similarity would flip or blow up the factor.
+  segmented subjects. ``L_m`` is the mean over positive pairs. ``r`` is clamped at ``min_similarity`` (0.25,
+  so α <= 4): Eq. 7 has no clamp, but a non-positive similarity would flip or blow up the factor, and a small one
+  swamps the softmax — at τ = 0.07 a clamp of 0.05 lets one negative's logit reach 20/τ ≈ 286 against a
+  positive's ≈ 14, so early in training (all S+ alike) one dissimilar pair is the whole loss. CLIP ViT-L image
+  embeddings of object crops rarely have cosines below 0.3 (CLIP's embeddings share a common direction), so in
+  the paper's setting the clamp does not act and Eq. 7 holds exactly; it bounds degenerate inputs only.
 * **L_loc (Eq. 8):** the form of the cited source (FastComposer, Xiao et al. 2023),
   ``mean(Ā ⊙ (1 - M)) - mean(Ā ⊙ M)``: attention is pushed out of the background and into the subject's mask.
   Eq. 8 as printed, ``mean((1-M) ⊙ (1-Ā)) - mean(M ⊙ Ā)``, is minimised by attention 1 everywhere (both terms
@@ -82,7 +86,7 @@ def cscl_loss(visual_cls: torch.Tensor, text_cls: torch.Tensor) -> torch.Tensor:
     return -(rows.sum() + cols.sum())
 
 
-def appearance_factors(subject_embeds: torch.Tensor, min_similarity: float = 0.05) -> torch.Tensor:
+def appearance_factors(subject_embeds: torch.Tensor, min_similarity: float = 0.25) -> torch.Tensor:
     """α = 1 / r, r = cos of the segmented subjects' CLIP image embeddings [N, D] → [N, N]."""
     return 1.0 / cosine_matrix(subject_embeds, subject_embeds).clamp(min=min_similarity)
 

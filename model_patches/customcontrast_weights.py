@@ -36,10 +36,14 @@ def _layout(slots: list[TransformerSlot]) -> list:
 
 
 def save_customcontrast_weights(path, encoder: MFIEncoder, visual_attention: VisualAttention, slots, *,
-                                image_layers, training_config: dict | None = None) -> Path:
+                                image_layers, training_config: dict | None = None,
+                                extra_metadata: dict | None = None) -> Path:
+    """``extra_metadata`` (the trainer's: base hash, trained steps…) is written alongside; the keys this format
+    defines keep their values here."""
     tensors = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     tensors.update({f"visual.{k}": v for k, v in visual_attention.layers.state_dict().items()})
     return save_weights(path, tensors, {
+        **(extra_metadata or {}),
         "method": METHOD, "format_version": str(FORMAT_VERSION), "base_architecture": "sd15",
         "encoder_config": encoder.config.to_dict(), "layers": _layout(slots), "image_layers": list(image_layers),
         "training_config": training_config or {}})

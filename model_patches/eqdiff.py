@@ -4,7 +4,9 @@
 conditioning chunks) it runs the same UNet once on the reference latent — clean at the current timestep by
 default, the official inference — banking the middle/decoder self-attention inputs, and then runs the real
 evaluation with every row (cond and uncond, the official default) reading the bank through the trained RRA
-layers. The bank lives for that evaluation only. ``EqDiffWeights`` is the models/eqdiff file.
+layers. The bank lives for that evaluation only. ``EqDiffWeights`` is the models/eqdiff file. The RRA modules
+are registered with ``set_additional_models``, so ComfyUI loads and offloads them with the MODEL (on the GPU
+before the first step, back to the offload device when memory is needed) instead of casting them per layer.
 """
 from __future__ import annotations
 
@@ -136,7 +138,13 @@ class EqDiffPatch:
             raise ValueError("this MODEL already has AnyLogo applied: apply EqDiff before AnyLogo (AnyLogo then "
                              "chains EqDiff's reference attention in its layers); the other order would replace "
                              "AnyLogo's recycling layers")
+        import comfy.model_patcher
+
         install_rra(model_patcher, self.slots)
+        # ComfyUI's model management then moves the RRA layers with the MODEL (load_models_gpu loads the
+        # additional models of every model it loads) and counts their memory
+        model_patcher.set_additional_models(ATTACHMENT, [comfy.model_patcher.ModelPatcher(
+            self.modules, load_device=model_patcher.load_device, offload_device=model_patcher.offload_device)])
         model_patcher.add_wrapper_with_key("calc_cond_batch", ATTACHMENT, self.calc_cond_batch_wrapper)
         if self.recorder is not None:
             model_patcher.add_wrapper_with_key("outer_sample", ATTACHMENT, self.outer_sample_wrapper)

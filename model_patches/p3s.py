@@ -6,19 +6,28 @@
   latent ``I'`` and CLIP states ``c_s``) and the injection copy on ``x_t + I''`` (the UNet's own scaled input,
   its timesteps and its text context: every row, conditional and unconditional, gets the features computed from
   its own prompt), and hands the features to the attention patches through ``transformer_options``;
-* an ``attn1_patch`` widens each slot's self-attention to ``K = W_K[z ; w f]``, ``V = W_V[z + λ w f ; w f]``
-  (Eq. 7) with the layer's own frozen projections, so the attention is Eq. 8 over ``2L`` keys, where ``w`` is
-  the overall strength times the timestep weight ``ε_t`` (Eq. 9/10, ``p3s_schedule``);
+* an ``attn1_patch`` widens each slot's self-attention inputs to ``K = W_K[z ; w f]``, ``V = W_V[z + λ w f ; w f]``
+  (Eq. 7) with the layer's own frozen projections, where ``w`` is the overall strength times the timestep
+  weight ``ε_t`` (Eq. 9/10, ``p3s_schedule``);
+* an ``attn1`` replacement (``GatedSelfAttention``) at each slot computes the attention over those keys as
+  ``Attn(own) + γ_i·(Attn(own ; appended) − Attn(own))`` with ``γ_i`` a trainable per-layer gate that starts
+  at 0. A softmax over two key sets is the ρ-mix of the softmaxes over each (ρ the appended keys' share), so the
+  difference is ``ρ·(Attn(appended) − Attn(own))``: ``γ = 1`` is Eq. 8, ``γ = 0`` the host's attention over the
+  own keys, bit for bit. The pack adds the gate because Eq. 8 alone is not the identity at zero
+  initialisation: with ``f = 0`` the ``L`` appended keys ``W_K·0`` have logit 0 and value 0 and damp each head
+  by ``S/(S+L)`` (``S = Σ exp(q·k/√d)`` over the own keys). With the gate, zero-initialised projections and
+  gates give exactly the unpatched UNet; the gradient still reaches both from there (the gate through the
+  difference, the projections through the ``λ w f`` of the own values). Cost: the host's attention kernel
+  twice per slot, over the own keys and over own + appended;
 * an ``attn2_patch`` adds ``w g`` to the cross-attention input (the cross-attention enhancement of Fig. 3:
   "the hidden states both in self and cross attention layers [are added] to the original model through a zero
   convolution"; the paper gives no equation, so this reads it as a residual on the query side);
 * the copy (with the RNGR encoder) is registered with ``set_additional_models``, so ComfyUI loads and offloads
   it with the MODEL.
 
-At strength 0 and outside start/end nothing runs: the layers get their stock inputs, bit for bit. Note that
-Eq. 8 itself is *not* the identity when ``f = 0`` (at zero initialisation): the ``L`` appended keys are then
-``W_K·0 = 0``, each with logit 0, and take a share of the attention (their values are 0), which damps the layer's
-output. The paper trains from there; ``tests/test_p3s_mechanism.py`` pins the exact closed form.
+At strength 0 and outside start/end nothing runs: the layers get their stock inputs, bit for bit. A layer that
+another node's replacement held before P3S Apply keeps it: AnyLogo's recycling there reads the widened keys
+ungated (plain Eq. 8), SAG/PAG get no features (``_taken_over``).
 
 The same object serves the trainer: it passes the patched clone's ``transformer_options`` to ``apply_model``, so
 the copy runs inside the wrapper with gradients and what is trained is what is sampled.
@@ -32,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .attention_ops import host_attention
 from .finite import require_finite, require_finite_number
 from .p3s_copy import InjectionCopy, MapRecorder
 from .p3s_rngr import RNGREncoder
@@ -73,6 +83,7 @@ class Injection:
     selfs: dict           # slot key -> f [B, L, C]
     crosses: dict         # slot key -> g [B, L, C]
     weight: torch.Tensor  # [B] strength · ε_t per row
+    gates: dict           # slot key -> γ_i (0-dim), the gate of the appended keys (see GatedSelfAttention)
     lam: float
     cross_attention: bool
 
@@ -106,6 +117,35 @@ def widen_self_attention(n, context, value, f, weight, lam):
     tokens = n.shape[1]
     value = torch.cat([value[:, :tokens] + lam * wf, value[:, tokens:], wf], dim=1)
     return n, torch.cat([context, wf], dim=1), value
+
+
+def gated_self_attention(q, k, v, appended: int, gate: torch.Tensor, extra_options) -> torch.Tensor:
+    """``Attn(own) + γ·(Attn(own ; appended) − Attn(own))`` over projected ``q`` and widened ``k``/``v`` whose last
+    ``appended`` tokens are the copy's. ``Attn(own ; appended)`` is Eq. 8; since a softmax over two key sets is
+    the ρ-mix of the softmaxes over each (ρ the appended keys' share), the difference equals
+    ``ρ·(Attn(appended) − Attn(own))``. So γ = 1 gives Eq. 8 and γ = 0 the host's attention over the own keys
+    bit for bit (``plain + 0·finite``). Both terms run through the host's attention kernel."""
+    plain = host_attention(q, k[:, :-appended], v[:, :-appended], extra_options)
+    full = host_attention(q, k, v, extra_options)
+    return plain + gate.to(plain.dtype) * (full - plain)
+
+
+class GatedSelfAttention:
+    """``patches_replace["attn1"]`` callable of one slot: the gated Eq. 8 when the call carries copy features for
+    the slot, the host's attention otherwise. Stateless: the features and gate come with each call."""
+
+    def __init__(self, key: tuple):
+        self.key = key
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        status = extra_options.get(STATUS_KEY)
+        f = status.selfs.get(self.key) if isinstance(status, Injection) else None
+        if f is None:
+            return host_attention(q, k, v, extra_options)
+        return gated_self_attention(q, k, v, f.shape[1], status.gates[self.key], extra_options)
 
 
 def attention_consistency_loss(copy_map: torch.Tensor, base_map: torch.Tensor) -> torch.Tensor:
@@ -167,6 +207,10 @@ class P3SPatch:
                                                      ATTACHMENT, self.diffusion_model_wrapper,
                                                      model_patcher.model_options, is_model_options=True)
         model_patcher.set_model_attn1_patch(self.attn1_patch)
+        held = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+        for slot in self.copy.slots:  # a layer another node replaced before keeps its replacement (module doc)
+            if slot.key not in held and slot.key[:2] not in held:
+                model_patcher.set_model_attn1_replace(GatedSelfAttention(slot.key), *slot.key)
         model_patcher.set_model_attn2_patch(self.attn2_patch)
         holder = torch.nn.ModuleDict({"copy": self.copy, "rngr": self.rngr})
         model_patcher.set_additional_models(ATTACHMENT, [comfy.model_patcher.ModelPatcher(
@@ -216,7 +260,8 @@ class P3SPatch:
                                    record_maps=record.copy_maps if record is not None else None)
         for key in taken_over:
             selfs.pop(key, None)
-        options = {**transformer_options, STATUS_KEY: Injection(selfs, crosses, weight.to(x.device),
+        gates = {slot.key: gate for slot, gate in zip(self.copy.slots, self.copy.gates)}
+        options = {**transformer_options, STATUS_KEY: Injection(selfs, crosses, weight.to(x.device), gates,
                                                                 self.settings.lam, self.settings.cross_attention)}
         return executor(x, timesteps, context, y, control, options, **kwargs)
 
@@ -230,7 +275,7 @@ class P3SPatch:
         taken = []
         for slot in self.copy.slots:
             other = replace.get(slot.key) or replace.get(slot.key[:2])
-            if other is not None and type(other).__name__ != "RecyclingAttention":
+            if other is not None and type(other).__name__ not in ("RecyclingAttention", "GatedSelfAttention"):
                 taken.append(slot.key)
                 name = getattr(other, "__qualname__", type(other).__name__)
                 if (slot.key, name) not in P3SPatch._warned:
@@ -262,8 +307,8 @@ class P3SPatch:
         return n + g.to(n.dtype) * status.weight.to(n.dtype).view(-1, 1, 1), context, value
 
 
-__all__ = ["ATTACHMENT", "CURVES", "P3SPatch", "P3SSettings", "ConsistencyRecord", "attention_consistency_loss",
-           "widen_self_attention", "with_map_recording"]
+__all__ = ["ATTACHMENT", "CURVES", "GatedSelfAttention", "P3SPatch", "P3SSettings", "ConsistencyRecord",
+           "attention_consistency_loss", "gated_self_attention", "widen_self_attention", "with_map_recording"]
 
 
 def build_patch(model_patcher, copy: InjectionCopy, rngr: RNGREncoder, reference_latent: torch.Tensor,

@@ -17,7 +17,9 @@ The copy has no skip connections (it is a chain), so a decoder ResNet block, whi
 Per slot ``i`` the copy hands out two zero-initialised projections (Linear C→C on tokens, the "1×1 conv" of
 Eq. 6) of its transformer's attention inputs: ``f_i`` of the self-attention input (norm1 output, the space
 the base's ``z_i`` lives in, so ``W_K``/``W_V`` of the base apply to both, Eq. 7) and ``g_i`` of the
-cross-attention input (norm2 output), for the cross-attention enhancement (see ``p3s.py``).
+cross-attention input (norm2 output), for the cross-attention enhancement (see ``p3s.py``). ``gates`` holds
+one zero-initialised gate per slot, the weight of the appended keys in the base's self-attention (the pack's
+addition that makes the zero-initialised copy the identity, see ``GatedSelfAttention`` in ``p3s.py``).
 """
 from __future__ import annotations
 
@@ -141,6 +143,7 @@ class InjectionCopy(torch.nn.Module):
             self.transformers.append(copy.deepcopy(transformer))
             self.self_proj.append(_zero_linear(channels))
             self.cross_proj.append(_zero_linear(channels))
+        self.gates = torch.nn.Parameter(torch.zeros(len(self.stages)))
         self.requires_grad_(False)
 
     @property

@@ -1,8 +1,9 @@
 """The P3S weight file (``models/p3s/*.safetensors``): what ``python -m train.p3s`` exports and P3S Loader reads.
 
 Tensors:
-  ``copy.<key>``      the injection copy (its ResNet blocks, transformers, zero-initialised projections), under
-                      the module names of ``InjectionCopy`` built from the base UNet;
+  ``copy.<key>``      the injection copy (its ResNet blocks, transformers, zero-initialised projections and
+                      ``copy.gates``, one self-attention gate per slot), under the module names of
+                      ``InjectionCopy`` built from the base UNet;
   ``rngr.<key>``      the RNGR encoder (Z, W_Q, W_K, W_V of Eq. 4/5);
   ``reference.latent`` / ``reference.clip_states``   the training reference ``I'`` (model-space latent, negatives
                       removed) and its CLIP last hidden state ``c_s``, so P3S Apply works without re-wiring the
@@ -10,6 +11,9 @@ Tensors:
 Metadata: method "p3s", format_version, base_architecture, copy_layout (the base's transformer slots, JSON),
 lambda, weight_curve/alpha/beta/k used in training, identifier, class_word, prompt, positive_points,
 negative_points, mask_sha256, resolution, clip_width, rngr_width, plus the engine's base_hash/config/steps.
+
+Format version 2 added ``copy.gates``. A version-1 file (trained without gates, i.e. with the plain Eq. 8) loads
+with every gate at 1, which is exactly the attention it was trained with.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from .weight_files import (WeightFileError, load_weights, metadata_json, require
                            require_supported_architecture, require_usable_tensors, save_weights)
 
 METHOD = "p3s"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+GATES = "gates"
 COPY, RNGR, REFERENCE = "copy.", "rngr.", "reference."
 
 
@@ -102,9 +107,12 @@ def copy_for_model(weights: P3SWeights, model_patcher) -> InjectionCopy:
                               "was trained on another UNet layout")
     copy = InjectionCopy(model_patcher)
     own = copy.state_dict()
-    missing = sorted(set(own) - set(weights.copy_state))
-    unknown = sorted(set(weights.copy_state) - set(own))
-    bad = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in weights.copy_state.items()
+    state = dict(weights.copy_state)
+    if int(weights.metadata.get("format_version", FORMAT_VERSION)) == 1 and GATES not in state:
+        state[GATES] = torch.ones_like(own[GATES])  # trained with the ungated Eq. 8 (module doc)
+    missing = sorted(set(own) - set(state))
+    unknown = sorted(set(state) - set(own))
+    bad = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state.items()
            if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if missing or unknown or bad:
         raise WeightFileError(f"{weights.name} does not fit this UNet's P3S copy: {len(missing)} tensors missing "
@@ -112,7 +120,7 @@ def copy_for_model(weights: P3SWeights, model_patcher) -> InjectionCopy:
                               f"another shape (e.g. {bad[:2]})")
     with torch.no_grad():
         for key, tensor in own.items():
-            tensor.copy_(weights.copy_state[key].to(tensor.dtype))
+            tensor.copy_(state[key].to(tensor.dtype))
     return copy.eval()
 
 

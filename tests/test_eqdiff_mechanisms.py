@@ -78,6 +78,29 @@ def test_patching_leaves_the_input_model_alone(kit):
     assert "attn1" not in kit.model.model_options.get("transformer_options", {}).get("patches_replace", {})
 
 
+def test_rra_layers_are_loaded_and_offloaded_by_comfy_model_management(kit):
+    from comfy import model_management
+
+    weights = kit.weights(seed=4)
+    patched = kit.patched(weights)
+    extra = patched.get_additional_models_with_key("subject_customization.eqdiff")
+    assert len(extra) == 1 and extra[0].model is weights.modules and extra[0] in patched.get_nested_additional_models()
+    assert kit.model.get_additional_models_with_key("subject_customization.eqdiff") == []
+    assert kit.model.get_nested_additional_models() == []
+    assert extra[0].load_device == patched.load_device and extra[0].offload_device == patched.offload_device
+    before = kit.sample(kit.model)
+    # ComfyUI's own sampling path (prepare_sampling → load_models_gpu with the nested additional models) loads
+    # the RRA holder beside the UNet; the clone's holder is a clone of the patcher set at install time
+    changed = kit.sample(patched)
+    loaded = model_management.loaded_models()
+    assert any(m.model is weights.modules for m in loaded), "the RRA layers were not loaded with the MODEL"
+    model_management.load_models_gpu([patched], force_full_load=True)
+    assert any(m.model is weights.modules for m in model_management.loaded_models())
+    assert all(p.device == patched.load_device for p in weights.modules.parameters())
+    assert not torch.equal(changed, before)
+    assert torch.equal(kit.sample(kit.model), before)  # the original MODEL samples as before
+
+
 def _split(t, heads):
     b, n, c = t.shape
     return t.reshape(b, n, heads, c // heads).transpose(1, 2)

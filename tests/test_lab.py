@@ -238,3 +238,116 @@ def test_the_micro_text_encoder_is_comfyuis_clip_and_takes_a_learned_vector_at_t
     assert not torch.allclose(with_vector[0, position], plain[0, position], atol=1e-3)
     (with_vector * torch.randn_like(with_vector)).sum().backward()
     assert vector.grad.abs().sum() > 0  # the gradient reaches the vector (textual inversion can train)
+
+
+def test_the_convolutions_reach_is_measured_exactly_on_both_micro_unet_shapes():
+    from lab.receptive_field import convolution_reach
+
+    # one level: input conv 3, each res block's two 3x3 convs add 2 + 2, the final output conv 2 more
+    flat, _ = build_micro_model(seed=0, shape="one-level")
+    assert flat.diffusion_model.middle_block is None
+    assert convolution_reach(flat, 24) == {"input1.0": 7, "output0.0": 11, "output1.0": 15, "output": 17}
+    # two levels: after the stride-2 downsample every conv adds 2 x 2; the decoder sees all of a 20-cell input
+    deep, _ = build_micro_model(seed=0)
+    reach = convolution_reach(deep, 20)
+    assert reach["input1.0"] == 7 and reach["input3.0"] == 17
+    assert all(reach[name] == 20 for name in ("output0.0", "output1.0", "output2.0", "output3.0", "output"))
+    with pytest.raises(ValueError, match="one of"):
+        build_micro_model(shape="three-level")
+
+
+def test_the_one_level_unet_runs_the_packs_recycling_at_its_two_decoder_layers():
+    from lab import anylogo_data
+    from lab.micro_models import MICRO_DINOV2
+    from model_patches.image_context import ImageContextPatch, ImageProjection
+    from train.anylogo_step import RecyclingLayout, anylogo_forward
+
+    model, _ = build_micro_model(seed=2, shape="one-level")
+    data = anylogo_data.build(S.make_pairs(2, S.HELD_OUT_SUBJECTS, 2, seed=2), build_micro_image_encoder(seed=0))
+    layout = RecyclingLayout.of(model, "decoder", False, len(data.tokens))
+    assert [s.name for s in layout.slots] == ["output0.0", "output1.0"]
+    projection = ImageProjection(MICRO_DINOV2["hidden_size"], layout.context_dim)
+    sigma = model.model_sampling.sigmas[[500, 800]].float()
+    g = torch.Generator().manual_seed(4)
+    x = data.z0 + torch.randn(data.z0.shape, generator=g) * sigma.view(-1, 1, 1, 1)
+    noise = torch.randn(data.subject.shape, generator=g)
+    with torch.no_grad():
+        read, blocked = (anylogo_forward(model, layout, x, sigma, data.concat, data.subject, noise,
+                                         ImageContextPatch(projection, data.tokens, layout.group_of), keep)
+                         for keep in (None, torch.zeros(2, 2, dtype=torch.bool)))
+    assert read.shape == data.z0.shape and not torch.allclose(read, blocked)
+
+
+def test_upscaled_pairs_are_the_same_images_on_a_finer_latent_grid_with_the_same_tokens():
+    from lab import anylogo_data
+
+    pairs = S.make_pairs(2, S.HELD_OUT_SUBJECTS, 2, seed=2)
+    encoder = build_micro_image_encoder(seed=0)
+    plain, fine = anylogo_data.build(pairs, encoder), anylogo_data.build(pairs, encoder, scale=2)
+    assert fine.z0.shape == (2, 4, 16, 16) and fine.concat.shape == (2, 5, 16, 16) and fine.subject.shape == (2, 4, 8, 8)
+    assert torch.equal(S.depth_to_space(fine.z0), anylogo_data.upscaled(S.depth_to_space(plain.z0), 2))
+    assert torch.equal(S.depth_to_space(fine.subject[0]), anylogo_data.upscaled(S.subject(pairs[0].subject_id), 2))
+    assert torch.equal(fine.concat[:, :1], plain.concat[:, :1].repeat_interleave(2, -2).repeat_interleave(2, -1))
+    assert all(torch.equal(a, b) for a, b in zip(fine.tokens, plain.tokens))
+
+
+def test_side_by_side_puts_the_known_subject_gap_cells_right_of_the_scene():
+    from lab import anylogo_data
+    from lab.anylogo_miniature import side_by_side
+
+    data = anylogo_data.build(S.make_pairs(2, S.TRAIN_SUBJECTS, 2, seed=5), build_micro_image_encoder(seed=0))
+    z0, concat = side_by_side(data.z0, data.concat, data.subject, gap=3)
+    assert z0.shape == (2, 4, 8, 8 + 3 + 4) and concat.shape == (2, 5, 8, 15)
+    assert torch.equal(z0[..., :8], data.z0) and torch.equal(z0[..., :4, 11:], data.subject)
+    assert torch.equal(z0[..., 8:11], torch.zeros(2, 4, 8, 3)) and torch.equal(z0[..., 4:, 11:], torch.zeros(2, 4, 4, 4))
+    assert torch.equal(concat[:, :1, :, 8:], torch.zeros(2, 1, 8, 7))       # the column is known
+    assert torch.equal(concat[:, 1:, :, 8:], z0[..., 8:]) and torch.equal(concat[:, :, :, :8], data.concat)
+    z_plain, _ = side_by_side(data.z0, data.concat, data.subject)
+    assert z_plain.shape[-1] == 12 and torch.equal(z_plain[..., :4, 8:], data.subject)
+
+
+def test_the_match_share_is_one_for_a_copying_query_and_uniform_for_a_blind_one():
+    from lab.attention_probe import attention_statistics, corresponding_keys
+
+    region = torch.zeros(1, 4, 4, dtype=torch.bool)
+    region[0, 1:3, 2:4] = True
+    corresponding = corresponding_keys(region.flatten(1), (4, 4), (2, 2))
+    expected = torch.full((4, 4), -1)
+    expected[1:3, 2:4] = torch.tensor([[0, 1], [2, 3]])
+    assert torch.equal(corresponding.view(4, 4), expected)
+    k_sub = torch.eye(4).view(1, 4, 4) * 1.0
+    k = torch.zeros(1, 16, 4)
+    q = torch.zeros(1, 16, 4)
+    q[0, corresponding[0] >= 0] = 50.0 * k_sub[0, corresponding[0][corresponding[0] >= 0]]  # each finds its own key
+    copying = attention_statistics(q, k, k_sub, heads=1, region=region.flatten(1), corresponding=corresponding)
+    assert copying["match_share"] > 0.999 and copying["match_uniform"] == pytest.approx(0.25)
+    blind = attention_statistics(torch.zeros(1, 16, 4), k, k_sub, heads=1, region=region.flatten(1),
+                                 corresponding=corresponding)
+    assert blind["match_share"] == pytest.approx(0.25, abs=1e-6) and blind["key_ratio"] == pytest.approx(4 / 20)
+
+
+def test_the_copy_probe_reads_stock_self_attention_without_changing_it():
+    from lab import anylogo_data
+    from lab.anylogo_miniature import copy_selectivity, side_by_side
+    from lab.attention_probe import SelectivityStats, SideBySideProbe
+    from model_patches.unet_layout import transformer_slots
+
+    model, _ = build_micro_model(seed=3, shape="one-level")
+    data = anylogo_data.build(S.make_pairs(2, S.HELD_OUT_SUBJECTS, 2, seed=2), build_micro_image_encoder(seed=0))
+    z0, concat = side_by_side(data.z0, data.concat, data.subject, gap=2)
+    source = torch.zeros(1, 1, 8, 14)
+    source[..., :4, 10:] = 1
+    sigma = model.model_sampling.sigmas[[500, 800]].float()
+    x = z0 + torch.randn(z0.shape, generator=torch.Generator().manual_seed(1)) * sigma.view(-1, 1, 1, 1)
+    context = torch.zeros(2, 1, 64)
+    stats = SelectivityStats()
+    probe = SideBySideProbe(stats, concat[:, :1], source)
+    with torch.no_grad():
+        plain = model.apply_model(x, sigma, c_concat=concat, c_crossattn=context)
+        probed = model.apply_model(x, sigma, c_concat=concat, c_crossattn=context, transformer_options={
+            "patches_replace": {"attn1": {s.key: probe for s in transformer_slots(model)}}})
+    assert torch.allclose(probed, plain, atol=1e-5)  # the probe's attention is ComfyUI's own; kernels may differ
+    layer = stats.per_layer()["output1.0"]
+    assert layer["key_ratio"] == pytest.approx(16 / 112) and layer["match_uniform"] == pytest.approx(1 / 16)
+    overall, per_layer = copy_selectivity(model, data, torch.arange(2), gap=2)
+    assert sorted(per_layer) == ["input1.0", "output0.0", "output1.0"] and 0 < overall["match_share"] < 1

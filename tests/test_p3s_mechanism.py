@@ -1,12 +1,15 @@
 """P3S mechanisms against the paper's equations: ε_t curves, RNGR (Eq. 4/5), Eq. 7/8 in the patched
-self-attention, the copy's initialisation from the base, L_ac (Eq. 11–13), identity where nothing is injected."""
+self-attention (with the pack's per-layer gate: Eq. 8 at 1, the plain layer at 0), the copy's initialisation from
+the base, L_ac (Eq. 11–13), identity at zero initialisation and where nothing is injected, the first training step
+from zero initialisation."""
 import math
 
 import pytest
 import torch
 
+from model_patches.attention_ops import host_attention
 from model_patches.p3s import (ConsistencyRecord, P3SSettings, attention_consistency_loss, build_patch,
-                               widen_self_attention, with_map_recording)
+                               gated_self_attention, widen_self_attention, with_map_recording)
 from model_patches.p3s_copy import InjectionCopy, MapRecorder, copy_stages
 from model_patches.p3s_rngr import RNGREncoder
 from model_patches.p3s_schedule import timestep_fraction, timestep_weight
@@ -25,12 +28,13 @@ def copy(sd15):
 
 
 def randomised(copy_module, seed=0, scale=0.05):
-    """The copy with its zero-initialised projections set to seeded random values (a 'trained' copy)."""
+    """The copy with its zero-initialised projections and gates set to seeded random values (a 'trained' copy)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for proj in (*copy_module.self_proj, *copy_module.cross_proj):
             for p in proj.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        copy_module.gates.copy_(0.5 + torch.rand(copy_module.gates.shape, generator=gen))
     return copy_module
 
 
@@ -119,44 +123,101 @@ def test_copy_starts_from_the_base_weights_and_zero_projections(sd15, copy):
 
 # ---- Eq. 7/8 ---------------------------------------------------------------------------------------------------
 
+def split_heads(t, heads):
+    b, length, inner = t.shape
+    return t.reshape(b, length, heads, inner // heads).transpose(1, 2)
+
+
+def merge_heads(t):
+    b, heads, length, d = t.shape
+    return t.transpose(1, 2).reshape(b, length, heads * d)
+
+
 def explicit_eq8(attn, z, wf, lam, heads):
-    q = z @ attn.to_q.weight.T
-    k = torch.cat([z, wf], 1) @ attn.to_k.weight.T
-    v = torch.cat([z + lam * wf, wf], 1) @ attn.to_v.weight.T
-    b, lq, inner = q.shape
-    split = lambda t: t.reshape(b, -1, heads, inner // heads).transpose(1, 2)  # noqa: E731
-    out = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(inner // heads), -1) @ split(v)
-    return attn.to_out(out.transpose(1, 2).reshape(b, lq, inner))
+    """Eq. 7/8 literally: one softmax over the keys W_K[z ; w f], values W_V[z + λ w f ; w f]."""
+    q = split_heads(z @ attn.to_q.weight.T, heads)
+    k = split_heads(torch.cat([z, wf], 1) @ attn.to_k.weight.T, heads)
+    v = split_heads(torch.cat([z + lam * wf, wf], 1) @ attn.to_v.weight.T, heads)
+    out = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
+    return attn.to_out(merge_heads(out))
 
 
-def test_patched_self_attention_is_eq8(sd15):
+def explicit_gated(attn, z, wf, lam, heads, gate):
+    """The gated form from exponential sums: (1 − γρ)·Attn(own) + γρ·Attn(appended), ρ = B/(A + B) with A, B the
+    summed exp(logit) over the own and the appended keys."""
+    q = split_heads(z @ attn.to_q.weight.T, heads)
+    k_own, k_app = split_heads(z @ attn.to_k.weight.T, heads), split_heads(wf @ attn.to_k.weight.T, heads)
+    v_own = split_heads((z + lam * wf) @ attn.to_v.weight.T, heads)
+    v_app = split_heads(wf @ attn.to_v.weight.T, heads)
+    e_own = (q @ k_own.transpose(-1, -2) / math.sqrt(q.shape[-1])).exp()
+    e_app = (q @ k_app.transpose(-1, -2) / math.sqrt(q.shape[-1])).exp()
+    a, b = e_own.sum(-1, keepdim=True), e_app.sum(-1, keepdim=True)
+    rho = b / (a + b)
+    out = (1 - gate * rho) * (e_own @ v_own / a) + gate * rho * (e_app @ v_app / b)
+    return attn.to_out(merge_heads(out))
+
+
+def gated_layer(attn, heads, z, f, weight, lam, gate):
+    """The patched layer as the transformer block runs it: attn1_patch's widening, the block's frozen
+    projections of the widened inputs, the gated replacement, to_out."""
+    n, context, value = widen_self_attention(z, z, z, f, weight, lam)
+    q, k, v = attn.to_q(n), attn.to_k(context), attn.to_v(value)
+    out = gated_self_attention(q, k, v, f.shape[1], torch.tensor(gate), {"n_heads": heads})
+    return attn.to_out(out)
+
+
+@pytest.fixture(scope="module")
+def layer(sd15):
     block = diffusion_model_of(sd15).output_blocks[0][1].transformer_blocks[0]
     gen = torch.Generator().manual_seed(0)
     z, f = torch.randn(2, 16, 640, generator=gen), torch.randn(2, 16, 640, generator=gen)
-    weight = torch.tensor([0.7, 1.2])
+    return block.attn1, block.n_heads, z, f, torch.tensor([0.7, 1.2])
+
+
+def test_gate_1_is_eq8(layer):
+    attn, heads, z, f, weight = layer
+    with torch.no_grad():
+        patched = gated_layer(attn, heads, z, f, weight, 0.2, 1.0)
+        expected = explicit_eq8(attn, z, f * weight.view(-1, 1, 1), 0.2, heads)
+    # float32 softmax via log-sum-exps vs one softmax: rounding only
+    torch.testing.assert_close(patched, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate", [0.3, 1.7, -0.4])
+def test_other_gates_mix_the_plain_and_the_appended_attention(layer, gate):
+    attn, heads, z, f, weight = layer
+    with torch.no_grad():
+        patched = gated_layer(attn, heads, z, f, weight, 0.2, gate)
+        expected = explicit_gated(attn, z, f * weight.view(-1, 1, 1), 0.2, heads, gate)
+        eq8 = explicit_eq8(attn, z, f * weight.view(-1, 1, 1), 0.2, heads)
+    torch.testing.assert_close(patched, expected, rtol=1e-4, atol=1e-5)  # float32 rounding only
+    assert not torch.allclose(patched, eq8, atol=1e-4)
+
+
+def test_gate_0_is_the_host_attention_over_the_own_keys_bit_for_bit(layer):
+    attn, heads, z, f, weight = layer
     n, context, value = widen_self_attention(z, z, z, f, weight, 0.2)
     with torch.no_grad():
-        patched = block.attn1(n, context=context, value=value)
-        expected = explicit_eq8(block.attn1, z, f * weight.view(-1, 1, 1), 0.2, block.n_heads)
-    torch.testing.assert_close(patched, expected, rtol=1e-4, atol=1e-5)
+        q, k, v = attn.to_q(n), attn.to_k(context), attn.to_v(value)
+        gated = gated_self_attention(q, k, v, 16, torch.tensor(0.0), {"n_heads": heads})
+        assert torch.equal(gated, host_attention(q, k[:, :16], v[:, :16], {"n_heads": heads}))
+        # and with f = 0 (zero-initialised projections) that is the stock layer itself
+        zero = gated_layer(attn, heads, z, torch.zeros_like(f), weight, 0.2, 0.0)
+        assert torch.equal(zero, attn(z))
 
 
-def test_eq8_at_zero_features_damps_the_layer_by_the_appended_keys_share(sd15):
-    """The paper's Eq. 8 is not the identity at zero initialisation: the L appended keys W_K·0 have logit 0 and
-    value 0, so each head's output is the stock one times S/(S+L) with S = Σ exp(q·k/√d) over the own keys."""
-    attn = diffusion_model_of(sd15).output_blocks[0][1].transformer_blocks[0].attn1
-    z = torch.randn(1, 16, 640, generator=torch.Generator().manual_seed(1))
-    n, context, value = widen_self_attention(z, z, z, torch.zeros_like(z), torch.ones(1), 0.2)
+def test_ungated_eq8_at_zero_features_would_damp_the_layer(layer):
+    """Why the gate: Eq. 8 alone at f = 0 is not the identity. The L appended keys W_K·0 have logit 0 and value 0,
+    so each head's output is the stock one times A/(A+L), A = Σ exp(q·k/√d) over the own keys."""
+    attn, heads, z, f, weight = layer
     with torch.no_grad():
-        q, k, v = attn.to_q(z), attn.to_k(z), attn.to_v(z)
-        split = lambda t: t.reshape(1, 16, 8, 80).transpose(1, 2)  # noqa: E731
-        logits = split(q) @ split(k).transpose(-1, -2) / math.sqrt(80)
-        share = logits.exp().sum(-1, keepdim=True)
-        damped = (torch.softmax(logits, -1) @ split(v)) * share / (share + 16)
-        expected = attn.to_out(damped.transpose(1, 2).reshape(1, 16, 640))
-        patched = attn(n, context=context, value=value)
-    torch.testing.assert_close(patched, expected, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(patched, attn(z), atol=1e-4)
+        q, k, v = split_heads(attn.to_q(z), heads), split_heads(attn.to_k(z), heads), split_heads(attn.to_v(z), heads)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        a = logits.exp().sum(-1, keepdim=True)
+        damped = attn.to_out(merge_heads((torch.softmax(logits, -1) @ v) * a / (a + 16)))
+        eq8 = gated_layer(attn, heads, z, torch.zeros_like(f), weight, 0.2, 1.0)
+    torch.testing.assert_close(eq8, damped, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(eq8, attn(z), atol=1e-4)
 
 
 # ---- identity, isolation ---------------------------------------------------------------------------------------
@@ -168,6 +229,36 @@ def test_no_injection_is_exactly_the_unpatched_model(sd15, copy, settings):
     make_patch(sd15, randomised(InjectionCopy(sd15)), **settings).install(patched)
     options = patched.model_options["transformer_options"]
     assert torch.equal(unet_out(sd15, options), unet_out(sd15, {}))
+
+
+def test_zero_initialised_copy_is_exactly_the_unpatched_model(sd15):
+    """Zero projections, zero gates, zero Z/W_V of the RNGR encoder, strength 1 and the paper's curve: every
+    layer gets features (f = g = 0) and still computes the stock result, bit for bit."""
+    patched = sd15.clone()
+    make_patch(sd15, InjectionCopy(sd15)).install(patched)
+    options = patched.model_options["transformer_options"]
+    for sigma in (14.0, 3.0, 0.1):
+        assert torch.equal(unet_out(sd15, options, sigma=sigma), unet_out(sd15, {}, sigma=sigma))
+
+
+def test_one_step_from_zero_initialisation_moves_the_gates_and_the_projections(sd15):
+    """The gradient reaches every gate (through ρ·(Attn(appended) − Attn(own))) and the projections (through the
+    λ w f of the own values and the cross-attention residual) although all of them start at zero."""
+    copy_module = InjectionCopy(sd15).requires_grad_(True)
+    patched = sd15.clone()
+    make_patch(sd15, copy_module).install(patched)
+    gen = torch.Generator().manual_seed(5)
+    x, context = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 768, generator=gen)
+    target = torch.randn(1, 4, 8, 8, generator=gen)
+    optimiser = torch.optim.Adam(copy_module.parameters(), lr=1e-3)
+    out = sd15.model.apply_model(x, torch.full((1,), 3.0), c_crossattn=context,
+                                 transformer_options=patched.model_options["transformer_options"])
+    (out - target).square().mean().backward()
+    optimiser.step()
+    assert bool((copy_module.gates != 0).all()), copy_module.gates
+    for index in range(len(copy_module.slots)):
+        assert copy_module.self_proj[index].weight.abs().sum() > 0, index
+        assert copy_module.cross_proj[index].weight.abs().sum() > 0, index
 
 
 def test_injection_changes_the_output_and_leaves_the_original_model_alone(sd15, copy):

@@ -3,6 +3,8 @@ loaded with the MODEL, and P3S chains with a LoRA, a ControlNet and AnyLogo on t
 
 The weights are a random-weight P3S file for the tiny SD1.5 with non-zero projections (a "trained" copy), so
 the injection visibly acts."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,6 +29,7 @@ class P3SKit:
         with torch.no_grad():
             for proj in (*copy.self_proj, *copy.cross_proj):
                 proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * 0.05)
+            copy.gates.copy_(0.5 + torch.rand(copy.gates.shape, generator=gen))
         tensors = export_tensors(copy, RNGREncoder(clip_width=64), torch.randn(1, 4, 8, 8, generator=gen),
                                  torch.randn(1, 257, 64, generator=gen), dtype=torch.float16)
         save_p3s_weights(folder / "subject.safetensors", tensors, {
@@ -117,7 +120,9 @@ def test_controlnet_residuals_still_reach_the_unet(kit, tiny_cache_dir):
 
 def test_chains_with_anylogo_on_the_same_model(kit):
     """AnyLogo's recycling replacement receives the self-attention K/V P3S widened and appends the subject's:
-    both act, in either order."""
+    both act, in either order. The order matters on the layers both patch: AnyLogo applied first keeps its
+    replacement there and reads P3S's keys ungated (plain Eq. 8) in every row; applied after P3S it wraps P3S's
+    gated attention, which then runs in the rows AnyLogo does not read (README, Coexistence)."""
     subject = torch.ones(1, 40, 72, 3)
     subject[:, 10:30, 20:50] = torch.tensor([0.1, 0.2, 0.8])
 
@@ -129,7 +134,25 @@ def test_chains_with_anylogo_on_the_same_model(kit):
     first, second = kit.sample(anylogo(kit.applied)), kit.sample(kit.apply(model=anylogo(kit.model)))
     for both in (first, second):
         assert not torch.equal(both, kit.injected) and not torch.equal(both, anylogo_only)
-    torch.testing.assert_close(first, second)  # the same patches, installed in another order
+
+
+def test_a_format_1_file_loads_with_every_gate_at_1(kit, tmp_path):
+    """Files from before the gate (format 1, no copy.gates) were trained with the plain Eq. 8: they load with
+    every gate at 1, which is that attention exactly."""
+    import folder_paths
+    from model_patches.weight_files import load_weights, save_weights
+
+    tensors, metadata = load_weights(Path(folder_paths.get_full_path("p3s", "subject.safetensors")), method="p3s",
+                                     supported_version=2)
+    del tensors["copy.gates"]
+    save_weights(tmp_path / "old_subject.safetensors", tensors, {**metadata, "format_version": "1"})
+    folder_paths.add_model_folder_path("p3s", str(tmp_path))
+    weights = kit.nodes.NODE_CLASS_MAPPINGS["SC_P3SLoader"]().load("old_subject.safetensors")[0]
+    patched = kit.nodes.NODE_CLASS_MAPPINGS["SC_P3SApply"]().apply(kit.model, weights, 1.0, "paper", 0.5, 0.2, 2.0,
+                                                                   0.0, 1.0)[0]
+    copy = patched.get_attachment("subject_customization.p3s").copy
+    assert torch.equal(copy.gates, torch.ones_like(copy.gates))
+    assert not torch.equal(kit.sample(patched), kit.injected)  # the new file's gates are not 1
 
 
 def test_sag_and_pag_layers_are_left_to_them(kit):

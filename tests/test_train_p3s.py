@@ -33,9 +33,8 @@ def _points_test_module():
 PTS = _points_test_module()
 
 
-@pytest.fixture(scope="module")
-def p3s_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("p3s_data")
+def build_p3s_files(folder: Path) -> dict:
+    """The twins photo, its one-row manifest (a click on the left twin, one on the right) and the CLIP file."""
     clip = PTS.feature_clip()
     weights, config = folder / "feature_clip.safetensors", folder / "feature_clip.json"
     from model_patches.weight_files import save_weights
@@ -48,6 +47,11 @@ def p3s_files(tmp_path_factory):
            "negative_points": "%d,%d" % PTS.centre(PTS.RIGHT_APART)}
     (folder / "manifest.jsonl").write_text(json.dumps(row) + "\n")
     return {"folder": folder, "clip": weights, "clip_config": config, "manifest": folder / "manifest.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def p3s_files(tmp_path_factory):
+    return build_p3s_files(tmp_path_factory.mktemp("p3s_data"))
 
 
 def write_config(path, model_dirs, files, **overrides):
@@ -99,6 +103,7 @@ def test_the_loss_is_ldm_plus_gamma_lac_and_the_copy_trains(trained):
         assert x["l_ac"] > 0
     method = trained["trainer"].method
     assert any(float(p.detach().abs().sum()) > 0 for p in method.copy.self_proj.parameters())
+    assert bool((method.copy.gates.detach() != 0).all())  # every zero-initialised gate moved
     assert float(method.rngr.to_v.weight.detach().abs().sum()) > 0  # the zero-initialised W_V got its first gradient
 
 

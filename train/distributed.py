@@ -150,17 +150,24 @@ class GlobalOrder:
     """The deterministic global sample stream and this rank's share of each step (see the module docstring)."""
 
     def __init__(self, dataset_size: int, batch_size: int, micro_batch_size: int, info: DistInfo, seed: int,
-                 shuffle: bool = True, weights=None):
+                 shuffle: bool = True, weights=None, stream=None):
         if batch_size % (micro_batch_size * info.world_size):
             raise ValueError(f"batch_size {batch_size} must be a multiple of micro_batch_size {micro_batch_size} "
                              f"x {info.world_size} processes")
         self.size, self.batch, self.micro, self.info = dataset_size, batch_size, micro_batch_size, info
         self.seed, self.shuffle = seed, shuffle
         self.weights = None if weights is None else _checked_weights(weights, dataset_size)
+        # a method's own stream (``index_at(position)``, e.g. CustomContrast's views grouped by subject) replaces
+        # the permutation; it must itself depend only on the position, so the split-independence above holds
+        self.stream = stream
+        if stream is not None:
+            stream.check_split(batch_size, micro_batch_size * info.world_size)
         self.accumulation = batch_size // (micro_batch_size * info.world_size)
         self._perm_epoch, self._perm = None, None
 
     def index_at(self, position: int) -> int:
+        if self.stream is not None:
+            return self.stream.index_at(position)
         epoch, offset = divmod(position, self.size)
         if not self.shuffle and self.weights is None:
             return offset

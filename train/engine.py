@@ -21,6 +21,8 @@ the completed step, ``ctx.autocast()``, ``ctx.save_export()``):
 * ``make_dataset(rows, ctx)``: map-style dataset over validated rows; items are pure functions of the index.
 * ``collate(items)``: default stacks equal-shaped tensors, lists the rest.
 * ``sample_weights(dataset, ctx)``: optional relative weight per row (weighted draws instead of a shuffle).
+* ``sample_stream(dataset, ctx)``: optional object replacing the order (``index_at(position)``,
+  ``check_split(batch, samples_per_micro_step)``), e.g. views grouped by subject for contrastive losses.
 * ``training_loss(batch, ctx, rng) -> (loss, metrics)``: mean loss of the micro-batch; every random draw from
   ``rng`` (per-sample generators seeded by seed, step and the sample's position in the global batch).
 * ``validation_samples(ctx, step, generator) -> [(name, image)]``: optional, first process, no_grad.
@@ -127,7 +129,8 @@ class Trainer:
         micro = cfg.micro_batch_size or max(1, cfg.batch_size // info.world_size)
         try:
             self.order = distributed.GlobalOrder(len(self.dataset), cfg.batch_size, micro, info, cfg.seed,
-                                                 cfg.shuffle, self.method.sample_weights(self.dataset, self.ctx))
+                                                 cfg.shuffle, self.method.sample_weights(self.dataset, self.ctx),
+                                                 self.method.sample_stream(self.dataset, self.ctx))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg)

@@ -46,6 +46,9 @@ class ManifestSchema:
     fields: dict[str, FieldSpec]
     same_size: tuple[tuple[str, ...], ...] = ()
     row_check: Callable[[dict, dict], list[str]] | None = None
+    # ``group_check(rows) -> {position in rows: problems}`` runs once on all rows that passed, for conditions
+    # over several rows (CustomContrast: every subject needs two views); the rows it names become bad rows
+    group_check: Callable[[list[dict]], dict[int, list[str]]] | None = None
 
     def __post_init__(self):
         for group in self.same_size:
@@ -164,6 +167,14 @@ def read_manifest(path, schema: ManifestSchema, on_bad_row: str = "stop") -> Man
             else:
                 resolved["_line"] = line_no
                 report.rows.append(resolved)
+    if schema.group_check is not None and report.rows:
+        refused = schema.group_check(report.rows)
+        for i in sorted(refused):
+            row = report.rows[i]
+            report.bad_rows.append(BadRow(row["_line"], None if row.get("id") is None else str(row["id"]),
+                                          refused[i]))
+        report.bad_rows.sort(key=lambda b: b.line)
+        report.rows = [r for i, r in enumerate(report.rows) if i not in refused]
     if report.bad_rows and on_bad_row == "stop":
         raise ManifestError("bad manifest rows (set on_bad_row=skip to leave them out):\n" + report.summary())
     if not report.rows:

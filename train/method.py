@@ -100,6 +100,12 @@ class TrainingMethod:
         None (the default) visits every row once per epoch."""
         return None
 
+    def sample_stream(self, dataset, ctx: TrainContext):
+        """Optional: an object with ``index_at(position) -> dataset index`` (a pure function of the stream
+        position) and ``check_split(batch_size, samples_per_micro_step)`` (raises ValueError for a split it cannot
+        serve), used instead of the shuffle; None (the default) keeps the engine's order."""
+        return None
+
     def training_loss(self, batch, ctx: TrainContext, rng) -> tuple[torch.Tensor, dict[str, float]]:
         """*Required.* The mean loss over the micro-batch and metrics to log (the same keys on every call and
         every rank). Draw all randomness from ``rng`` (a ``train.randomness.SampleRandom``, one generator per

@@ -135,6 +135,10 @@ def check_rows(rows: list[dict], schema, root) -> tuple[list[dict], list[tuple[s
             skipped.append((row.get("id", "?"), "; ".join(problems)))
         else:
             kept.append({**row, **{k: v for k, v in resolved.items() if k not in row}})
+    if schema.group_check is not None and kept:
+        refused = schema.group_check(kept)
+        skipped += [(kept[i].get("id", "?"), "; ".join(refused[i])) for i in sorted(refused)]
+        kept = [r for i, r in enumerate(kept) if i not in refused]
     return kept, skipped
 
 

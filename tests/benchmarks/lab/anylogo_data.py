@@ -20,9 +20,9 @@ from .micro_models import MICRO_DINOV2_RESOLUTION
 
 @dataclass
 class PairTensors:
-    z0: torch.Tensor         # [N, 4, 8, 8] scene latents
-    concat: torch.Tensor     # [N, 5, 8, 8] mask + masked-scene latent
-    subject: torch.Tensor    # [N, 4, 4, 4] subject latents
+    z0: torch.Tensor         # [N, 4, 8, 8] scene latents (x scale per side)
+    concat: torch.Tensor     # [N, 5, 8, 8] mask + masked-scene latent (x scale)
+    subject: torch.Tensor    # [N, 4, 4, 4] subject latents (x scale)
     tokens: list             # per group [N, T, D] (subject tokens + scene global token)
 
     def rows(self, index) -> "PairTensors":
@@ -58,17 +58,29 @@ def coarse_view(pixels: torch.Tensor, pool: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse, scale_factor=pool, mode="nearest")
 
 
-def build(pairs: list[S.Pair], encoder, subject_ids: list[int] | None = None, encoder_pool: int = 1) -> PairTensors:
+def upscaled(pixels: torch.Tensor, scale: int) -> torch.Tensor:
+    """Every pixel repeated ``scale`` x ``scale`` times (nearest): the same image on a finer latent grid."""
+    if scale <= 1:
+        return pixels
+    return pixels.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+def build(pairs: list[S.Pair], encoder, subject_ids: list[int] | None = None, encoder_pool: int = 1,
+          scale: int = 1) -> PairTensors:
     """Tensors of ``pairs``; with ``subject_ids`` (one per pair) that subject is the condition instead of the
     pair's own (how candidates are given at evaluation: same scene, another subject's latent and tokens).
     ``encoder_pool`` > 1 gives the image encoder only block means of the subject (the recycled latent keeps
-    every pixel): DINOv2's tokens lose low-level detail, which is what the paper's recycling restores."""
+    every pixel): DINOv2's tokens lose low-level detail, which is what the paper's recycling restores.
+    ``scale`` > 1 repeats every pixel of scene, mask and subject ``scale`` times per side before the latents are
+    taken (e.g. 2: 16x16 scene latents, 8x8 subject latents): the same content, farther apart in cells than the
+    convolutions reach; the image tokens are those of the original pixels, so they do not change with it."""
     ids = subject_ids if subject_ids is not None else [p.subject_id for p in pairs]
     scenes = torch.stack([S.scene(p) for p in pairs])
     masks = torch.stack([S.region_mask(p) for p in pairs])
     masked = masked_scene(scenes, masks)
     subject_pixels = torch.stack([S.subject(i) for i in ids])
+    tokens = subject_tokens(encoder, coarse_view(subject_pixels, encoder_pool), masked)
+    scenes, masks, masked, subject_pixels = (upscaled(t, scale) for t in (scenes, masks, masked, subject_pixels))
     latent_mask = masks[:, :, ::S.BLOCK, ::S.BLOCK]  # the region is whole 2x2 blocks: exact
     concat = torch.cat([latent_mask, S.space_to_depth(masked)], dim=1)
-    return PairTensors(S.space_to_depth(scenes), concat, S.space_to_depth(subject_pixels),
-                       subject_tokens(encoder, coarse_view(subject_pixels, encoder_pool), masked))
+    return PairTensors(S.space_to_depth(scenes), concat, S.space_to_depth(subject_pixels), tokens)

@@ -36,12 +36,13 @@ bootstrap()
 import torch  # noqa: E402
 
 from lab import anylogo_data, evaluation, subjects as S  # noqa: E402
-from lab.attention_probe import ProbedLayout, SelectivityStats  # noqa: E402
-from lab.micro_models import MICRO_DINOV2, build_micro_image_encoder, build_micro_model  # noqa: E402
+from lab.attention_probe import ProbedLayout, SelectivityStats, SideBySideProbe  # noqa: E402
+from lab.micro_models import MICRO_DINOV2, UNET_SHAPES, build_micro_image_encoder, build_micro_model  # noqa: E402
 from lab.pretraining import PRETRAIN_TASKS, pretrain  # noqa: E402
 from model_patches.diagnostics import attention_report  # noqa: E402
 from model_patches.image_context import ImageContextPatch, ImageProjection  # noqa: E402
 from model_patches.recycling import AttentionRecorder  # noqa: E402
+from model_patches.unet_layout import transformer_slots  # noqa: E402
 from train.anylogo_step import RecyclingLayout, anylogo_forward, anylogo_loss, keep_decisions  # noqa: E402
 from train.diffusion import noised  # noqa: E402
 
@@ -78,24 +79,26 @@ DEFAULT_STEPS = 1500
 def setup_data(args, encoder):
     train_pairs = S.make_pairs(args.train_pairs, S.TRAIN_SUBJECTS, args.train_subjects, seed=1)
     held_pairs = S.make_pairs(args.held_pairs, S.HELD_OUT_SUBJECTS, args.held_pairs, seed=2)
-    pool = anylogo_data.build(train_pairs, encoder, encoder_pool=args.encoder_pool)
+    build = lambda pairs, ids=None: anylogo_data.build(pairs, encoder, ids, encoder_pool=args.encoder_pool,  # noqa
+                                                       scale=args.scale)
+    pool = build(train_pairs)
     # candidate 0 is the pair's own subject; the others are other held-out pairs' subjects, fixed per pair
     gen = torch.Generator().manual_seed(3)
     others = []
     for j in range(len(held_pairs)):
         choice = [int(i) for i in torch.randperm(len(held_pairs), generator=gen) if int(i) != j]
         others.append([held_pairs[i].subject_id for i in choice[:args.candidates - 1]])
-    candidates = [anylogo_data.build(held_pairs, encoder, encoder_pool=args.encoder_pool)]
-    candidates += [anylogo_data.build(held_pairs, encoder, [o[k] for o in others], encoder_pool=args.encoder_pool)
-                   for k in range(args.candidates - 1)]
+    candidates = [build(held_pairs)] + [build(held_pairs, [o[k] for o in others]) for k in range(args.candidates - 1)]
     return pool, candidates
 
 
-def side_by_side(z0, concat, subject):
+def side_by_side(z0, concat, subject, gap: int = 0):
     """The control's inputs: [scene | subject column] in one latent, the subject (top of an h x w_s column)
-    known to the inpainting UNet (mask 0, in the masked image), so stock self-attention can copy it."""
-    column = torch.zeros(z0.shape[:2] + (z0.shape[2], subject.shape[3]), dtype=z0.dtype, device=z0.device)
-    column[:, :, :subject.shape[2]] = subject
+    known to the inpainting UNet (mask 0, in the masked image), so stock self-attention can copy it. ``gap``
+    known grey (0) columns between the scene and the subject put the copy's source that many cells farther
+    from the region (beyond the convolutions' reach, so that only attention can fetch it)."""
+    column = torch.zeros(z0.shape[:2] + (z0.shape[2], gap + subject.shape[3]), dtype=z0.dtype, device=z0.device)
+    column[:, :, :subject.shape[2], gap:] = subject
     mask = torch.cat([concat[:, :1], torch.zeros_like(column[:, :1])], dim=-1)
     return torch.cat([z0, column], dim=-1), torch.cat([mask, torch.cat([concat[:, 1:], column], dim=-1)], dim=1)
 
@@ -108,7 +111,7 @@ def image_context(projection, tokens, layout, use_tokens: bool):
 
 @torch.no_grad()
 def region_errors(model, layout, projection, arm: Arm, candidates, *, read: bool, timesteps=TABLE_TIMESTEPS,
-                  rows=None, recorder=None, device="cpu", by_timestep: bool = False) -> torch.Tensor:
+                  rows=None, recorder=None, device="cpu", by_timestep: bool = False, gap: int = 0) -> torch.Tensor:
     """[pairs, candidates] region error of the one-step clean prediction, averaged over ``timesteps`` (or
     [timesteps, pairs, candidates] with ``by_timestep``); the same noises for every candidate, arm and seed."""
     first = candidates[0] if rows is None else candidates[0].rows(rows)
@@ -127,8 +130,8 @@ def region_errors(model, layout, projection, arm: Arm, candidates, *, read: bool
             cand = (cand if rows is None else cand.rows(rows)).to(device)
             keep = None if read else torch.zeros(n, len(layout.slots), dtype=torch.bool, device=device)
             if arm.side_by_side:  # the scene part's noise is the other arms'; the column's own
-                wide_z0, wide_concat = side_by_side(z0, concat, cand.subject)
-                column_noise = torch.randn(wide_z0.shape[:3] + (cand.subject.shape[3],),
+                wide_z0, wide_concat = side_by_side(z0, concat, cand.subject, gap)
+                column_noise = torch.randn(wide_z0.shape[:3] + (wide_z0.shape[3] - z0.shape[3],),
                                            generator=torch.Generator().manual_seed(2000 + t)).to(device)
                 wide_x = noised(model, wide_z0, torch.cat([noise, column_noise], dim=-1), sigma)
                 out = anylogo_forward(model, layout, wide_x, sigma, wide_concat, cand.subject, subject_noise,
@@ -142,6 +145,28 @@ def region_errors(model, layout, projection, arm: Arm, candidates, *, read: bool
             errors[:, k] += evaluation.region_error(out, z0, concat[:, :1]).cpu()
     stacked = torch.stack(per_t)
     return stacked if by_timestep else stacked.mean(dim=0)
+
+
+@torch.no_grad()
+def copy_selectivity(model, data, rows, *, device="cpu", timesteps=TABLE_TIMESTEPS, gap: int = 0) -> tuple[dict, dict]:
+    """Does the model's stock self-attention, shown the subject beside the scene (the side-by-side input, no
+    recycling, all-zero context), send its region queries to the subject's cells, each to its own one?
+    (overall, per layer) means of the probe's measures over ``rows`` and ``timesteps`` (the evaluation noises)."""
+    first = data.rows(rows).to(device)
+    z0, concat = side_by_side(first.z0, first.concat, first.subject, gap)
+    source = torch.zeros_like(concat[:1, :1])
+    source[..., :first.subject.shape[2], first.z0.shape[-1] + gap:] = 1
+    stats = SelectivityStats()
+    probe = SideBySideProbe(stats, concat[:, :1], source)
+    options = {"patches_replace": {"attn1": {slot.key: probe for slot in transformer_slots(model)}},
+               "cond_or_uncond": [0]}
+    context = torch.zeros(z0.shape[0], 1, int(model.model_config.unet_config["context_dim"]), device=device)
+    for t in timesteps:
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1000 + t)).to(device)
+        sigma = model.model_sampling.sigmas[t].float().expand(z0.shape[0]).to(device)
+        model.apply_model(noised(model, z0, noise, sigma), sigma, c_concat=concat, c_crossattn=context,
+                          transformer_options={**options, "sigmas": sigma})
+    return stats.overall(), stats.per_layer()
 
 
 def extraction_gradient_share(model, layout, projection, arm, batch, draws) -> float:
@@ -158,9 +183,18 @@ def extraction_gradient_share(model, layout, projection, arm, batch, draws) -> f
     return float((grads[0] - grads[1]).norm() / grads[0].norm().clamp_min(1e-12))
 
 
+def setting_tag(args) -> str:
+    """The geometry of a run: '' for the default (scale 1, two-level UNet), else e.g. 'x2-1lvl'."""
+    parts = ([f"x{args.scale}"] if args.scale != 1 else []) + (["1lvl"] if args.unet_shape == "one-level" else [])
+    parts += [f"gap{args.copy_gap}"] if args.copy_gap else []
+    return "-".join(parts)
+
+
 def init_tag(args) -> str:
-    """What the arms start from: '' for random weights, else e.g. 'pre-denoise2000' (the pretrained base)."""
-    return "" if args.init == "random" else f"pre-{args.pretrain_task}{args.pretrain_steps}"
+    """What the arms start from and in which geometry: '' for random weights in the default one, else e.g.
+    'pre-denoise2000' (the pretrained base) or 'x2-1lvl-pre-copy800'."""
+    pre = "" if args.init == "random" else f"pre-{args.pretrain_task}{args.pretrain_steps}"
+    return "-".join(part for part in (setting_tag(args), pre) if part)
 
 
 def variant(name: str, init: str, lr: float, steps: int | None = None) -> str:
@@ -179,10 +213,11 @@ def pretrained_base(pool, args) -> dict:
         import safetensors.torch
 
         return safetensors.torch.load_file(str(path))
-    model, _ = build_micro_model(seed=args.pretrain_seed, device=device)
+    model, _ = build_micro_model(seed=args.pretrain_seed, shape=args.unet_shape, device=device)
     started = time.perf_counter()
     curve = pretrain(model, pool, steps=args.pretrain_steps, batch=args.batch, lr=args.pretrain_lr or args.lr,
-                     seed=args.pretrain_seed, task=args.pretrain_task, side_by_side=side_by_side, device=device,
+                     seed=args.pretrain_seed, task=args.pretrain_task,
+                     side_by_side=lambda *a: side_by_side(*a, gap=args.copy_gap), device=device,
                      log_every=args.log_every, log=lambda line: print(line, flush=True))
     seconds = time.perf_counter() - started
     print(f"pretrained base {tag}: {seconds:.0f} s", flush=True)
@@ -199,7 +234,7 @@ def pretrained_base(pool, args) -> dict:
 
 def train_arm(name: str, seed: int, pool, candidates, args, base: dict | None = None) -> dict:
     arm, device = ARMS[name], torch.device(args.device)
-    model, _ = build_micro_model(seed=seed, device=device)
+    model, _ = build_micro_model(seed=seed, shape=args.unet_shape, device=device)
     if base is not None:  # fork from the pretrained base: the same start for every arm and seed
         model.diffusion_model.load_state_dict(base)
     layout = RecyclingLayout.of(model, arm.positions, False, len(pool.tokens))
@@ -227,8 +262,8 @@ def train_arm(name: str, seed: int, pool, candidates, args, base: dict | None = 
         keep = keep_decisions(uniform, arm.threshold, dropped).to(device)
         z0, concat = batch.z0, batch.concat
         if arm.side_by_side:
-            z0, concat = side_by_side(z0, concat, batch.subject)
-            column = torch.randn(z0.shape[:3] + (batch.subject.shape[3],), generator=column_gen)
+            z0, concat = side_by_side(z0, concat, batch.subject, args.copy_gap)
+            column = torch.randn(z0.shape[:3] + (z0.shape[3] - batch.z0.shape[3],), generator=column_gen)
             noise = torch.cat([noise, column], dim=-1)
         loss, region_loss = anylogo_loss(model, layout, z0, concat, batch.subject,
                                          image_context(projection, tokens, layout, arm.tokens),
@@ -240,7 +275,7 @@ def train_arm(name: str, seed: int, pool, candidates, args, base: dict | None = 
         window.append((float(loss.detach()), float(region_loss)))
         if step % args.log_every == 0 or step == args.steps:
             errors = region_errors(model, layout, projection, arm, candidates, read=arm.threshold > 0,
-                                   timesteps=(800, 500), rows=quick_rows, device=device)
+                                   timesteps=(800, 500), rows=quick_rows, device=device, gap=args.copy_gap)
             ident = evaluation.identification(errors)
             point = {"step": step, "loss": sum(w[0] for w in window) / len(window),
                      "region_loss": sum(w[1] for w in window) / len(window),
@@ -253,12 +288,13 @@ def train_arm(name: str, seed: int, pool, candidates, args, base: dict | None = 
                   f"{point['held_identified']:.2f} ({point['seconds']:.0f} s)", flush=True)
     train_seconds = time.perf_counter() - started
     result = {"arm": name, "seed": seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-              "encoder_pool": args.encoder_pool, "init": init_tag(args) if base is not None else "",
+              "encoder_pool": args.encoder_pool, "init": init_tag(args), "scale": args.scale,
+              "unet_shape": args.unet_shape, "copy_gap": args.copy_gap,
               "train_seconds": train_seconds, "curve": curve, "slots": [s.name for s in layout.slots]}
     result["eval_timesteps"] = list(EVAL_TIMESTEPS)
     for read in (True, False):
         errors = region_errors(model, layout, projection, arm, candidates, read=read, timesteps=EVAL_TIMESTEPS,
-                               device=device, by_timestep=True)
+                               device=device, by_timestep=True, gap=args.copy_gap)
         flow = "complete" if read else "blocked"
         result[f"{flow}_by_timestep"] = errors.tolist()
         result[flow] = errors[[EVAL_TIMESTEPS.index(t) for t in TABLE_TIMESTEPS]].mean(dim=0).tolist()
@@ -273,12 +309,14 @@ def train_arm(name: str, seed: int, pool, candidates, args, base: dict | None = 
     recorder, selectivity = AttentionRecorder(), SelectivityStats()
     probed = ProbedLayout(layout, selectivity, candidates[0].concat[quick_rows, :1])
     region_errors(model, probed, projection, arm, candidates[:1], read=True, rows=quick_rows, recorder=recorder,
-                  device=device)
+                  device=device, gap=args.copy_gap)
     shares = [e[1] for entries in recorder.per_layer.values() for e in entries]
     result["asa"] = sum(shares) / len(shares) if shares else None
     result["attention_report"] = attention_report(recorder)
     result["selectivity"] = selectivity.overall() or None
     result["selectivity_per_layer"] = selectivity.per_layer()
+    result["copy_selectivity"], result["copy_selectivity_per_layer"] = copy_selectivity(
+        model, candidates[0], quick_rows, device=device, gap=args.copy_gap)
     if arm.threshold > 0 and not arm.side_by_side:
         first = pool.rows(torch.arange(args.batch)).to(device)
         g = torch.Generator().manual_seed(5)
@@ -352,7 +390,16 @@ def print_table(results: list[dict], chance: float) -> None:
             mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
             print(f"  {name}: region {mean['region_share']:.3f} / outside {mean['outside_share']:.3f} vs key "
                   f"ratio {mean['key_ratio']:.3f}; entropy within subject {mean['subject_entropy']:.3f}, over all "
-                  f"keys {mean['content_entropy']:.3f}")
+                  f"keys {mean['content_entropy']:.3f}" + match_text(mean))
+    print("\ncopy selectivity: the same measures for the model's stock self-attention on the side-by-side input "
+          "(the subject known beside the scene, zero context, no recycling): region queries onto the subject's cells")
+    for name, rows in by_arm.items():
+        stats = [r["copy_selectivity"] for r in rows if r.get("copy_selectivity")]
+        if stats:
+            mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+            print(f"  {name}: region {mean['region_share']:.3f} / outside {mean['outside_share']:.3f} vs key "
+                  f"ratio {mean['key_ratio']:.3f}; entropy within subject {mean['subject_entropy']:.3f}"
+                  + match_text(mean))
     print("\nper timestep, complete transmission, mean over seeds: true subject / other subjects, identified")
     for name, rows in by_arm.items():
         if "complete_by_timestep" not in rows[0]:
@@ -372,6 +419,28 @@ def print_table(results: list[dict], chance: float) -> None:
         print(f"  {label} seed {r['seed']}: " + " | ".join(
             f"step {p['step']}: {p['loss']:.3f}/{p['region_loss']:.3f}, {p['held_true']:.3f} vs "
             f"{p['held_other']:.3f}, id {p['held_identified']:.2f}" for p in picks))
+
+
+def match_text(mean: dict) -> str:
+    if "match_share" not in mean:
+        return ""
+    return f"; on the corresponding key {mean['match_share']:.3f} (uniform {mean['match_uniform']:.3f})"
+
+
+def print_receptive_field(args) -> None:
+    from lab.receptive_field import convolution_reach
+
+    model, _ = build_micro_model(seed=0, shape=args.unet_shape)
+    size = 80 if args.unet_shape == "two-level" else 32  # wider than any reach: nothing is clipped
+    reach = convolution_reach(model, size)
+    scene = S.SCENE_PX // S.BLOCK * args.scale
+    subject = S.SUBJECT_PX // S.BLOCK * args.scale
+    print(f"{args.unet_shape} micro UNet: side of the input square each layer sees through its convolutions "
+          f"alone (self-attention replaced by its values, GroupNorm statistics off), in latent cells; a cell "
+          f"reaches (side - 1) / 2 cells each way")
+    print("  " + ", ".join(f"{name} {side}" for name, side in reach.items()))
+    print(f"  scene latent {scene}x{scene}; side-by-side source at least {subject + args.copy_gap} cells "
+          f"right of its region cell (gap {args.copy_gap})")
 
 
 def main(argv=None) -> None:
@@ -398,11 +467,20 @@ def main(argv=None) -> None:
     parser.add_argument("--log-every", type=int, default=250)
     parser.add_argument("--encoder-pool", type=int, default=1,
                         help="the image encoder sees only NxN block means of the subject (1: every pixel)")
+    parser.add_argument("--scale", type=int, default=1,
+                        help="repeat every pixel NxN before the latents are taken (2: 16x16 scene latents)")
+    parser.add_argument("--unet-shape", choices=UNET_SHAPES, default="two-level",
+                        help="one-level: no downsampling, no middle block (convolutions reach 15 cells, not 59)")
+    parser.add_argument("--copy-gap", type=int, default=0,
+                        help="known grey latent columns between the scene and the subject in the side-by-side input "
+                             "(copy pretraining, the control, the copy-selectivity probe)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="", help="folder for one JSON per (arm, seed); reruns skip those present")
     parser.add_argument("--quick", action="store_true", help="smoke run: decoder and blocked, one seed, 300 steps")
     parser.add_argument("--table-only", action="store_true", help="print the table from --out and stop")
+    parser.add_argument("--receptive-field", action="store_true",
+                        help="print the convolutions' reach of each layer of --unet-shape and stop")
     args = parser.parse_args(argv)
     if args.quick:
         args.arms, args.seeds, args.steps, args.log_every = "decoder,blocked", "0", 300, 100
@@ -412,6 +490,9 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))] if out else []
     results = [r for r in results if "arm" in r]  # base_*.json describe pretrained bases
+    if args.receptive_field:
+        print_receptive_field(args)
+        return
     if args.table_only:
         print_table(results, 1.0 / args.candidates)
         return

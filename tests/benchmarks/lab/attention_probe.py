@@ -10,7 +10,12 @@ projected queries, the layer's own keys and the banked subject keys, then calls 
 * ``key_ratio``: the subject keys' share of all keys, L_sub / (L + L_sub): what a uniform attention gives;
 * ``subject_entropy``: entropy of the region queries' attention *within* the subject keys, divided by
   log L_sub (1 = uniform over the subject, 0 = all on one key; a copying layer is low);
-* ``content_entropy``: the same over all keys, divided by log(L + L_sub) (1 = attention ignores content).
+* ``content_entropy``: the same over all keys, divided by log(L + L_sub) (1 = attention ignores content);
+* ``match_share``: the share of a region query's subject mass on the subject key at the same place in the
+  subject as the query is in the region (what a copy needs), against ``match_uniform`` = 1 / L_sub.
+
+``SideBySideProbe`` measures the same for *stock* self-attention on the side-by-side input (the subject known
+beside the scene in one latent): the subject's cells there are the "subject keys".
 """
 from __future__ import annotations
 
@@ -22,31 +27,62 @@ from model_patches.recycling import STATUS_KEY, Generation
 
 
 def attention_statistics(q: torch.Tensor, k: torch.Tensor, k_sub: torch.Tensor, heads: int,
-                         region: torch.Tensor) -> dict:
-    """The probe's measures for one call: ``q``, ``k`` [B, L, C], ``k_sub`` [B, Ls, C], ``region`` [B, L] bool
-    (each row needs at least one region and one outside query). Returns floats, means over rows and heads."""
+                         region: torch.Tensor, corresponding: torch.Tensor | None = None) -> dict:
+    """The probe's measures for one call: ``q`` [B, L, C], the other keys ``k`` [B, Lk, C], the subject keys
+    ``k_sub`` [B, Ls, C], ``region`` [B, L] bool (each row needs at least one region and one outside query).
+    ``corresponding`` [B, L] long: the subject key at the same place in the subject as each query is in the
+    region (-1: none); with it, ``match_share`` is the share of the region queries' subject mass on that key
+    (a copying layer: near 1; uniform: ``match_uniform`` = 1 / Ls). Returns floats, means over rows and heads."""
     b, length, inner = q.shape
+    keys, ls = k.shape[1], k_sub.shape[1]
     d = inner // heads
 
     def split(t):
         return t.reshape(t.shape[0], -1, heads, d).transpose(1, 2).float()
 
     logits = split(q) @ torch.cat([split(k), split(k_sub)], dim=2).transpose(-1, -2) / math.sqrt(d)
-    probs = logits.softmax(dim=-1)                                     # [B, H, L, L + Ls]
-    sub = probs[..., length:]
+    probs = logits.softmax(dim=-1)                                     # [B, H, L, Lk + Ls]
+    sub = probs[..., keys:]
     share = sub.sum(dim=-1)                                            # [B, H, L]
     within = sub / share.unsqueeze(-1).clamp_min(1e-30)
-    ls = k_sub.shape[1]
     sub_entropy = -(within * within.clamp_min(1e-30).log()).sum(dim=-1) / math.log(ls)
-    all_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1) / math.log(length + ls)
+    all_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1) / math.log(keys + ls)
     inside = region.view(b, 1, length).expand_as(share).float()
 
     def mean_over(values, weight):
         return float((values * weight).sum() / weight.sum().clamp_min(1))
 
-    return {"region_share": mean_over(share, inside), "outside_share": mean_over(share, 1 - inside),
-            "key_ratio": ls / (length + ls), "subject_entropy": mean_over(sub_entropy, inside),
-            "content_entropy": mean_over(all_entropy, inside)}
+    stats = {"region_share": mean_over(share, inside), "outside_share": mean_over(share, 1 - inside),
+             "key_ratio": ls / (keys + ls), "subject_entropy": mean_over(sub_entropy, inside),
+             "content_entropy": mean_over(all_entropy, inside)}
+    if corresponding is not None:
+        index = corresponding.clamp_min(0).view(b, 1, length, 1).expand(b, heads, length, 1)
+        match = within.gather(-1, index).squeeze(-1)
+        valid = (corresponding >= 0).view(b, 1, length).expand_as(match).float() * inside
+        stats.update(match_share=mean_over(match, valid), match_uniform=1.0 / ls)
+    return stats
+
+
+def pooled_cells(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, 1, h, w] latent mask -> [B, gh * gw] bool on a ``grid`` token grid (a cell is in when at least half
+    of the latent cells it covers are)."""
+    return (torch.nn.functional.adaptive_avg_pool2d(mask.float(), grid) >= 0.5).flatten(1)
+
+
+def corresponding_keys(region: torch.Tensor, grid: tuple[int, int], subject_grid: tuple[int, int]) -> torch.Tensor:
+    """[B, gh * gw] region cells -> [B, gh * gw] long: for a query at (r, c) in the region, the row-major index
+    of the subject key at the same offset from the subject's top-left as (r, c) from the region's; -1 outside."""
+    gh, gw = grid
+    hs, ws = subject_grid
+    cells = region.view(-1, gh, gw)
+    rows = torch.arange(gh).view(1, gh, 1).expand_as(cells)
+    cols = torch.arange(gw).view(1, 1, gw).expand_as(cells)
+    big = gh + gw
+    top = torch.where(cells, rows, big).flatten(1).amin(dim=1).view(-1, 1, 1)
+    left = torch.where(cells, cols, big).flatten(1).amin(dim=1).view(-1, 1, 1)
+    dr, dc = rows - top, cols - left
+    inside = cells & (dr < hs) & (dc < ws)
+    return torch.where(inside, dr * ws + dc, -1).flatten(1)
 
 
 def region_tokens(region_mask: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -91,7 +127,10 @@ class _Probe:
             if k_sub.shape[0] == 1:
                 k_sub = k_sub.expand(q.shape[0], -1, -1)
             region = region_tokens(self.region_mask.to(q.device), q.shape[1])
-            self.stats.add(self.slot.name, attention_statistics(q, k, k_sub, extra_options["n_heads"], region))
+            side, sub_side = int(round(math.sqrt(q.shape[1]))), int(round(math.sqrt(k_sub.shape[1])))
+            corresponding = corresponding_keys(region.cpu(), (side, side), (sub_side, sub_side)).to(q.device)
+            self.stats.add(self.slot.name, attention_statistics(q, k, k_sub, extra_options["n_heads"], region,
+                                                                corresponding))
         return self.inner(q, k, v, extra_options)
 
 
@@ -111,3 +150,34 @@ class ProbedLayout:
         for key, inner in list(replace.items()):
             replace[key] = _Probe(inner, by_key[key], self.stats, self.region_mask)
         return options
+
+
+class SideBySideProbe:
+    """A read-only probe of *stock* self-attention on a side-by-side input ([scene | subject column] in one
+    latent): every layer's attn1, through ``patches_replace``, measures how its region queries attend to the
+    keys of the subject's cells in the column (the copy's source), then computes ComfyUI's own attention.
+    ``region_mask`` [B, 1, h, W], ``source_mask`` [1, 1, h, W] (the subject's cells: the same for every row)."""
+
+    def __init__(self, stats: SelectivityStats, region_mask: torch.Tensor, source_mask: torch.Tensor):
+        self.stats, self.region_mask, self.source_mask = stats, region_mask, source_mask
+
+    def grid(self, tokens: int) -> tuple[int, int]:
+        h, w = self.region_mask.shape[-2:]
+        factor = int(round(math.sqrt(h * w / tokens)))
+        if (h // factor) * (w // factor) != tokens:
+            raise ValueError(f"{tokens} tokens are not a downsampled {h}x{w} grid")
+        return h // factor, w // factor
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        grid = self.grid(q.shape[1])
+        region = pooled_cells(self.region_mask, grid).to(q.device)
+        source = pooled_cells(self.source_mask, grid)[0].to(q.device)
+        rows = source.view(grid).any(dim=1).sum()
+        subject_grid = (int(rows), int(source.sum()) // max(int(rows), 1))
+        corresponding = corresponding_keys(region.cpu(), grid, subject_grid).to(q.device)
+        name = f"{extra_options['block'][0]}{extra_options['block'][1]}.{extra_options.get('block_index', 0)}"
+        self.stats.add(name, attention_statistics(q, k[:, ~source], k[:, source], extra_options["n_heads"],
+                                                  region, corresponding))
+        return optimized_attention(q, k, v, extra_options["n_heads"])

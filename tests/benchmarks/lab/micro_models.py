@@ -37,21 +37,34 @@ def _torch_default_init_(module: torch.nn.Module) -> None:
                 break
 
 
-def micro_unet_config(*, inpainting: bool = True, width: int = 32, context_dim: int = 64, heads: int = 4) -> dict:
+UNET_SHAPES = ("two-level", "one-level")
+
+
+def micro_unet_config(*, inpainting: bool = True, width: int = 32, context_dim: int = 64, heads: int = 4,
+                      shape: str = "two-level") -> dict:
+    """``shape`` "one-level": no downsampling and no middle block (ComfyUI's UNetModel builds none for a middle
+    depth below -1), so a layer's convolutions see only a few cells around it (15 at the last decoder layer
+    against 41-61 for "two-level"): in a scene wider than that, only attention can carry content across it."""
+    if shape not in UNET_SHAPES:
+        raise ValueError(f"micro UNet shape must be one of {UNET_SHAPES}, got {shape!r}")
     channels = LATENT_CHANNELS * 2 + 1 if inpainting else LATENT_CHANNELS  # [z_t; mask; masked scene]
-    return {**MICRO_UNET, "in_channels": channels, "model_channels": width, "context_dim": context_dim,
-            "num_heads": heads}
+    config = {**MICRO_UNET, "in_channels": channels, "model_channels": width, "context_dim": context_dim,
+              "num_heads": heads}
+    if shape == "one-level":
+        config.update(channel_mult=[1], num_res_blocks=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+                      transformer_depth_middle=-2)
+    return config
 
 
 def build_micro_model(*, seed: int = 0, inpainting: bool = True, width: int = 32, context_dim: int = 64,
-                      heads: int = 4, device="cpu"):
+                      heads: int = 4, shape: str = "two-level", device="cpu"):
     """(BaseModel, ModelPatcher) of an EPS SD1.5-config model around a micro ``UNetModel``; fp32, seeded."""
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
 
     config = comfy.supported_models.SD15(micro_unet_config(inpainting=inpainting, width=width,
-                                                           context_dim=context_dim, heads=heads))
+                                                           context_dim=context_dim, heads=heads, shape=shape))
     # SD15's extra config forces 8 heads; ours applies after it
     config.unet_config.update(num_heads=heads, num_head_channels=-1)
     config.set_inference_dtype(torch.float32, None)

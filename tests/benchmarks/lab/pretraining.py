@@ -64,7 +64,7 @@ def pretrain(model, pool, *, steps: int, batch: int, lr: float, seed: int, task:
             z0, concat = rows.z0, pretrain_step_inputs(rows.z0, rows.concat, modes)
         else:
             z0, concat = side_by_side(rows.z0, rows.concat, rows.subject)
-            column = torch.randn(z0.shape[:3] + (rows.subject.shape[3],), generator=gen)
+            column = torch.randn(z0.shape[:3] + (z0.shape[3] - rows.z0.shape[3],), generator=gen)
             noise = torch.cat([noise, column], dim=-1)
         loss = plain_loss(model, z0.to(device), concat.to(device), sigmas[t].to(device), noise.to(device))
         optimizer.zero_grad(set_to_none=True)
