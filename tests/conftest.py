@@ -191,18 +191,21 @@ class TrainerProcess:
         return self._run([self.torchrun, f"--nproc_per_node={nproc}", f"--master_port={port}", *map(str, args)],
                          check)
 
-    def kill_when_written(self, args: list, path: Path) -> None:
+    def kill_when_written(self, args: list, path: Path, wait_s: float = 600) -> None:
         """Start `python ARGS`, SIGKILL it the moment PATH exists (a checkpoint), and check it was killed, not done.
 
-        SIGKILL rather than SIGTERM: a crash or an out-of-memory kill gives the trainer no chance to clean up."""
+        SIGKILL rather than SIGTERM: a crash or an out-of-memory kill gives the trainer no chance to clean up.
+        ``wait_s`` bounds the wait for PATH (a loaded shared machine can take minutes to start a trainer)."""
         proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=PACK_ROOT, env=self.env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + wait_s
         while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
+        written = path.exists()
         os.kill(proc.pid, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == -signal.SIGKILL, f"the run ended on its own before the kill:\n{stderr[-3000:]}"
+        assert written, f"{path.name} was not written within {wait_s:.0f} s; killed anyway:\n{stderr[-3000:]}"
 
     def _run(self, cmd: list, check: bool) -> subprocess.CompletedProcess:
         result = subprocess.run(cmd, cwd=PACK_ROOT, env=self.env, capture_output=True, text=True, timeout=600)
