@@ -8,7 +8,10 @@ W identical gradients of a rank's own rows, and averaging divides by W again).
 
 * **CSCL (Eq. 4):** ``a_ij = cos(v_i^cls, t_j^cls)``;
   ``L_c = -Σ_i log(e^{a_ii} / Σ_{j≠i} e^{a_ji}) - Σ_i log(e^{a_ii} / Σ_{j≠i} e^{a_ij})``, the denominators over
-  j ≠ i as the paper writes them, summed over the batch.
+  j ≠ i as the paper writes them, summed over the batch. With several views of a subject in the batch (the
+  trainer always has them, for MACL), Eq. 4 counts a subject's other views among the negatives and so pushes
+  them apart — against MACL's intra-consistency. ``subject_ids`` (an option, off by default) leaves those
+  views out of the denominators: j ranges over the other *subjects* only.
 * **MACL (Eq. 7):** for every positive pair (i, j) — two views of the same subject, i ≠ j —
   ``L_m^{ij} = -Σ_a log(e^{α_ij cos^a_ij / τ} / Σ_{k≠i} e^{α_ik cos^a_ik / τ})`` with ``cos^a_ij`` the cosine
   of the S+ tokens of layer a and ``α_ij = 1 / r_ij``, ``r_ij`` the cosine of the CLIP image embeddings of the
@@ -69,20 +72,27 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
-def _log_softmax_excluding_diagonal(logits: torch.Tensor) -> torch.Tensor:
+def _log_softmax_excluding_diagonal(logits: torch.Tensor, excluded: torch.Tensor | None = None) -> torch.Tensor:
     """log(e^{x_ij} / Σ_{k≠i} e^{x_ik}) for every (i, j) of [..., N, N], the denominators without the row's
-    own entry."""
-    eye = torch.eye(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    return logits - torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=-1, keepdim=True)
+    own entry (or without every entry ``excluded`` [N, N] marks, the diagonal among them)."""
+    if excluded is None:
+        excluded = torch.eye(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    return logits - torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=-1, keepdim=True)
 
 
-def cscl_loss(visual_cls: torch.Tensor, text_cls: torch.Tensor) -> torch.Tensor:
-    """Eq. 4 on CLS tokens [N, D] (N >= 2)."""
+def cscl_loss(visual_cls: torch.Tensor, text_cls: torch.Tensor,
+              subject_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 4 on CLS tokens [N, D] (N >= 2). With ``subject_ids`` [N], j ≠ i becomes "j of another subject"."""
     if visual_cls.shape[0] < 2:
         raise ValueError("CSCL needs at least two samples in the (global) batch")
     a = cosine_matrix(visual_cls, text_cls)
-    rows = _log_softmax_excluding_diagonal(a).diagonal()      # Σ_{j≠i} e^{a_ij}
-    cols = _log_softmax_excluding_diagonal(a.T).diagonal()    # Σ_{j≠i} e^{a_ji}
+    excluded = None
+    if subject_ids is not None:
+        excluded = subject_ids.view(-1, 1) == subject_ids.view(1, -1)   # the diagonal and the same subject's views
+        if bool(excluded.all(dim=-1).any()):
+            raise ValueError("CSCL over other subjects needs at least two subjects in the (global) batch")
+    rows = _log_softmax_excluding_diagonal(a, excluded).diagonal()      # Σ_{j≠i} e^{a_ij}
+    cols = _log_softmax_excluding_diagonal(a.T, excluded).diagonal()    # Σ_{j≠i} e^{a_ji}
     return -(rows.sum() + cols.sum())
 
 

@@ -25,6 +25,24 @@ def test_cscl_equals_eq4_by_hand():
     assert float(cscl_loss(v, t)) == pytest.approx(want, rel=1e-5)
 
 
+def test_cscl_over_other_subjects_leaves_a_subjects_other_views_out_of_the_denominators():
+    torch.manual_seed(3)
+    v, t = torch.randn(5, 6), torch.randn(5, 6)
+    ids = torch.tensor([7, 7, 2, 2, 9])
+    a = [[cos(v[i], t[j]) for j in range(5)] for i in range(5)]
+    want = 0.0
+    for i in range(5):
+        others = [j for j in range(5) if ids[j] != ids[i]]
+        want -= math.log(math.exp(a[i][i]) / sum(math.exp(a[j][i]) for j in others))
+        want -= math.log(math.exp(a[i][i]) / sum(math.exp(a[i][j]) for j in others))
+    assert float(cscl_loss(v, t, ids)) == pytest.approx(want, rel=1e-5)
+    # the option changes the loss only where a subject has several views; unique ids give Eq. 4 as printed
+    assert float(cscl_loss(v, t, torch.arange(5))) == pytest.approx(float(cscl_loss(v, t)), rel=1e-6)
+    assert abs(float(cscl_loss(v, t, ids)) - float(cscl_loss(v, t))) > 0.1
+    with pytest.raises(ValueError, match="two subjects"):
+        cscl_loss(v, t, torch.zeros(5, dtype=torch.long))
+
+
 def test_macl_equals_eq7_by_hand():
     torch.manual_seed(1)
     n, layers, tau = 5, 3, 0.2

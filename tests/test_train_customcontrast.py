@@ -142,7 +142,16 @@ def test_the_loss_is_ldm_plus_weighted_contrastive_and_location_terms(trained):
     torch.testing.assert_close(total.detach(), want.detach(), rtol=1e-6, atol=0)
     assert float(l_c.detach()) > 0 and float(l_loc.detach()) != 0  # the terms are there, not zero by construction
     assert method.weights.contrastive == 1e-2 and method.weights.location == 1e-3
-    assert method.weights.min_similarity == 0.25
+    assert method.weights.min_similarity == 0.25 and method.weights.cscl_negatives == "all"
+    # the trainer's cscl_negatives option reaches the loss: CSCL over other subjects, the rest unchanged
+    import dataclasses
+
+    other = dataclasses.replace(method.weights, cscl_negatives="other_subjects")
+    _, parts_other = customcontrast_loss(method.patch, method.patched, inputs, sigma, noise, other)
+    torch.testing.assert_close(parts_other["cscl"], cscl_loss(o.visual_cls, o.text_cls, inputs.subjects).detach(),
+                               rtol=1e-6, atol=0)
+    assert float((parts_other["cscl"] - parts["cscl"]).abs()) > 1e-4  # two views per subject: the term differs
+    torch.testing.assert_close(parts_other["macl"], parts["macl"], rtol=0, atol=0)
 
 
 def test_export_metadata_and_what_trains(trained):

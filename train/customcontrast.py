@@ -38,7 +38,8 @@ from model_patches.unet_layout import transformer_slots
 from . import customcontrast_data as data
 from .base_model import BaseModelError, load_vision_encoder
 from .config import ConfigError, TrainConfig, option
-from .customcontrast_step import LossWeights, StepInputs, batch_patch, customcontrast_loss, latent_mask
+from .customcontrast_step import (CSCL_NEGATIVES, LossWeights, StepInputs, batch_patch, customcontrast_loss,
+                                  latent_mask)
 from .diffusion import LatentCache, TextCache, draw_sigmas
 from .distributed import mix_seed
 from .engine import run
@@ -71,6 +72,9 @@ class CustomContrastConfig(TrainConfig):
                                    "similarity would flip the factor, a small one swamp MACL's softmax (Eq. 7 has "
                                    "no clamp; CLIP ViT-L cosines of object crops are rarely below it)",
                                    minimum=1e-6)
+    cscl_negatives: str = option("all", "negatives of CSCL (Eq. 4): 'all' other samples of the global batch, as "
+                                 "printed (a subject's other views included, which pushes them apart), or "
+                                 "'other_subjects' (a subject's other views left out)", choices=CSCL_NEGATIVES)
     encoder_dim: int = option(768, "width of the Q-Formers", minimum=8)
     visual_tokens: int = option(16, "m: visual tokens of the visual cross-attention", minimum=1)
     encoder_depth: int = option(4, "Perceiver-attention layers per Q-Former (4 in the paper)", minimum=1)
@@ -138,7 +142,8 @@ class CustomContrastMethod(TrainingMethod):
             torch.manual_seed(mix_seed(cfg.seed, "customcontrast_init") % (1 << 62))
             self.encoder = MFIEncoder(config).to(device)
             self.visual = VisualAttention(self.slots, width).to(device)  # zero: step 0 adds nothing
-        self.weights = LossWeights(cfg.contrastive_weight, cfg.location_weight, cfg.temperature, cfg.min_similarity)
+        self.weights = LossWeights(cfg.contrastive_weight, cfg.location_weight, cfg.temperature, cfg.min_similarity,
+                                   cscl_negatives=cfg.cscl_negatives)
         self.latents = LatentCache(ctx.base.vae, ctx.base.model, enabled=cfg.cache_inputs)
         self.texts = TextCache(clip)
         self.cache = {}

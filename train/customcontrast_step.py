@@ -31,6 +31,9 @@ from model_patches.customcontrast_subjects import SubjectGroup
 from .diffusion import implied_noise, noised
 
 
+CSCL_NEGATIVES = ("all", "other_subjects")
+
+
 @dataclass(frozen=True)
 class LossWeights:
     contrastive: float = 1e-2     # λ1
@@ -38,6 +41,7 @@ class LossWeights:
     temperature: float = 0.07     # τ of MACL
     min_similarity: float = 0.25  # clamp of r_ij before α = 1/r (α <= 4; see customcontrast_losses)
     terms: tuple = ("cscl", "macl")  # which contrastive terms λ1 weighs (the paper's Table 4 ablates each)
+    cscl_negatives: str = "all"   # "all": Eq. 4 as printed; "other_subjects": a subject's other views are no negative
 
 
 @dataclass
@@ -129,7 +133,10 @@ def global_contrastive_terms(state: CallState, appearance: torch.Tensor, subject
     embeds = gather_global(appearance.float().to(s_plus.device))
     ids = gather_global(subjects.to(s_plus.device, torch.float64)).long()
     alpha = appearance_factors(embeds, weights.min_similarity)
-    return cscl_loss(visual_cls, text_cls), macl_loss(s_plus, alpha, ids, weights.temperature)
+    if weights.cscl_negatives not in CSCL_NEGATIVES:
+        raise ValueError(f"cscl_negatives must be one of {CSCL_NEGATIVES}, got {weights.cscl_negatives!r}")
+    l_c = cscl_loss(visual_cls, text_cls, ids if weights.cscl_negatives == "other_subjects" else None)
+    return l_c, macl_loss(s_plus, alpha, ids, weights.temperature)
 
 
 def customcontrast_loss(patch: BatchPatch, patched, inputs: StepInputs, sigma: torch.Tensor, noise: torch.Tensor,

@@ -8,7 +8,9 @@ encoder and K_v/V_v on the pretrained micro base (``micro_base``; UNet and text 
 
   ldm   λ1 = 0 (L_LDM alone);
   mcl   λ1 = --lambda1 (default the paper's 1e-2): L_LDM + λ1 (CSCL + MACL);
-  macl, cscl   one of the two terms only (the paper's Table 4 ablates them so).
+  macl, cscl   one of the two terms only (the paper's Table 4 ablates them so);
+  mcl_other, cscl_other   as mcl / cscl with the trainer's ``cscl_negatives: other_subjects`` (a subject's other
+               view is not one of CSCL's negatives; not the paper's Eq. 4 as printed).
 λ2 = 0 in both (L_loc is not what is asked about). τ 0.07, MACL's r clamp 0.25 as in the trainer.
 
 Data: textured glyphs (``subjects.textured_subject``) as subjects; a *view* of a subject is the glyph flipped or
@@ -135,8 +137,9 @@ def run_arm(arm: str, seed: int, args, base) -> dict:
     encoder, visual = MFIEncoder(config), VisualAttention(slots, 64)
     prompt = PlaceholderPrompt.of(clip, CAPTION, "sks")
     patch, patched = batch_patch(patcher, slots, encoder, visual, prompt)
-    terms = {"mcl": ("cscl", "macl"), "macl": ("macl",), "cscl": ("cscl",)}.get(arm, ())
-    weights = LossWeights(contrastive=args.lambda1 if terms else 0.0, location=0.0, terms=terms)
+    terms = {"mcl": ("cscl", "macl"), "macl": ("macl",), "cscl": ("cscl",)}.get(arm.removesuffix("_other"), ())
+    weights = LossWeights(contrastive=args.lambda1 if terms else 0.0, location=0.0, terms=terms,
+                          cscl_negatives="other_subjects" if arm.endswith("_other") else "all")
     params = list(encoder.parameters()) + list(visual.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     before = distance_ratios(encoder, views)
@@ -166,26 +169,26 @@ def run_arm(arm: str, seed: int, args, base) -> dict:
 def print_table(results: list[dict]) -> None:
     keys = ("splus", "text_cls", "visual_cls")
     print("intra/inter cosine-distance ratio on held-out subjects (lower = views of a subject closer together)")
-    print(f"{'arm':<6} {'seeds':>5} " + " ".join(f"{k:>18}" for k in keys))
+    print(f"{'arm':<10} {'seeds':>5} " + " ".join(f"{k:>18}" for k in keys))
     by_arm = {}
     for r in results:
         by_arm.setdefault(r["arm"], {})[r["seed"]] = r
     init = [r["before"] for r in results]
     if init:
-        print(f"{'init':<6} {len(init):>5} " + " ".join(f"{statistics.mean(b[k] for b in init):>18.4f}" for k in keys))
+        print(f"{'init':<10} {len(init):>5} " + " ".join(f"{statistics.mean(b[k] for b in init):>18.4f}" for k in keys))
 
     def fmt(values):
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
     for arm, runs in sorted(by_arm.items()):
-        print(f"{arm:<6} {len(runs):>5} " + " ".join(f"{fmt([r['after'][k] for r in runs.values()]):>18}"
+        print(f"{arm:<10} {len(runs):>5} " + " ".join(f"{fmt([r['after'][k] for r in runs.values()]):>18}"
                                                     for k in keys))
     for arm in sorted(set(by_arm) - {"ldm"}):
         seeds = sorted(set(by_arm.get("ldm", {})) & set(by_arm[arm]))
         if seeds:
             diffs = {k: [by_arm[arm][s]["after"][k] - by_arm["ldm"][s]["after"][k] for s in seeds] for k in keys}
-            print(f"{arm + '-ldm':<9} {len(seeds):>2} " + " ".join(f"{fmt(diffs[k]):>18}" for k in keys)
+            print(f"{arm + '-ldm':<13} {len(seeds):>2} " + " ".join(f"{fmt(diffs[k]):>18}" for k in keys)
                   + "   (paired, per seed)")
 
 
