@@ -91,17 +91,24 @@ def test_each_layer_gets_its_own_s_plus_at_the_placeholder(comfy, sd):
 
 
 def test_identity_at_gamma_zero_and_at_zero_init(comfy, sd):
-    """With S+ = the placeholder's own embedding the contexts are the prompt's; then γ=0 (random K_v/V_v) and
-    zero-initialised K_v/V_v (γ=1) give exactly the unpatched UNet output, and non-zero K_v/V_v do not."""
+    """With S+ = the placeholder's own embedding every layer's context is the prompt's; then γ=0 (random
+    K_v/V_v) and zero-initialised K_v/V_v (γ=1) give exactly the unpatched UNet output on that context, and
+    non-zero K_v/V_v do not.
+
+    The unpatched reference runs on the S+ path's own context: the l-row text-encoder batch and the stock 1-row
+    encode of the same tokens agree to float rounding only (the BLAS kernel depends on the batch size and the
+    CPU: measured up to 2e-6 here), which is checked apart, so the exact comparison is about the patch."""
     model, clip = sd
     cond, negative = text(comfy, clip, PROMPT), text(comfy, clip, "")
-    context = torch.cat([negative, cond])
-    plain = run_unet(model, {}, context)
     for gamma, zero in ((0.0, False), (1.0, True), (1.0, False)):
         patch = tiny_patch(model, clip, gamma=gamma, zero_kv=zero)
         s_plus = word_embedding(clip, "sks").expand(1, len(patch.slots), -1)
-        state = CallState(patch.prompt.encode(s_plus), torch.randn(1, 3, 768), gamma)
-        out = run_unet(model, patch.transformer_options_for({}, state), context)
+        contexts = patch.prompt.encode(s_plus)
+        torch.testing.assert_close(contexts[0], cond[0].expand_as(contexts[0]), rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(contexts[0, a], contexts[0, 0]) for a in range(len(patch.slots)))
+        plain = run_unet(model, {}, torch.cat([negative, contexts[:, 0]]))
+        state = CallState(contexts, torch.randn(1, 3, 768), gamma)
+        out = run_unet(model, patch.transformer_options_for({}, state), torch.cat([negative, cond]))
         assert torch.equal(out, plain) == (gamma == 0.0 or zero)
 
 
