@@ -1,5 +1,6 @@
 """The miniature lab's core (tests/benchmarks/lab): procedural subjects, pixels-as-latents, micro models of the
 real classes with the pack's patch, and the evaluation measures. Fast: no training here."""
+import math
 import sys
 from pathlib import Path
 
@@ -375,3 +376,115 @@ def test_the_position_probe_reads_every_layer_of_the_side_by_side_pass():
     codes = position_codes(model, data, gap=2, timesteps=(800,))
     assert sorted(codes[800]) == ["input1.0", "output0.0", "output1.0"]
     assert all(0 <= v["query"] <= 1 and 0 <= v["key"] <= 1 and v["chance"] == 1 / 16 for v in codes[800].values())
+
+
+def test_position_code_offsets_and_what_each_pass_gets():
+    """The code of a cell's offset: on every subject cell's key in the extraction pass, on the region's queries
+    in the generation pass, never on values; orthonormal codes of norm scale·sqrt(width)."""
+    from lab.position_code import PositionCode, offsets_in_boxes, orthonormal_codes
+    from model_patches.recycling import STATUS_KEY, Extraction, Generation, SignatureBank
+
+    codes = orthonormal_codes(16, 32, seed=3)
+    torch.testing.assert_close(codes @ codes.T, torch.eye(16), rtol=0, atol=1e-5)
+    mask = torch.zeros(2, 8, 8)
+    mask[0, 2:6, 4:8] = 1
+    mask[1, 0:4, 0:4] = 1
+    inside, index, bh, bw = offsets_in_boxes(mask)
+    assert (bh, bw) == (4, 4) and int(index[0, 3, 6]) == 1 * 4 + 2 and int(index[1, 3, 0]) == 12
+    assert bool(inside[0, 2, 4]) and not bool(inside[0, 1, 4]) and int(index[0, 0, 0]) == 0
+    with pytest.raises(ValueError, match="different sizes"):
+        offsets_in_boxes(torch.stack([mask[0], torch.nn.functional.pad(torch.ones(2, 2), (0, 6, 0, 6))]))
+
+    here = {"block": ("output", 3), "block_index": 0}
+    code = PositionCode(scale=0.5, slot_keys=[("output", 3, 0)], seed=1)
+    n = torch.randn(2, 64, 32)
+    # extraction: a 4x4 subject latent at this level holds 16 cells, each its own offset
+    sub = torch.randn(2, 16, 32)
+    q, k, v = code(sub, sub, sub, {**here, "activations_shape": [2, 32, 4, 4], "original_shape": [2, 4, 4, 4],
+                                    STATUS_KEY: Extraction(SignatureBank(), ())})
+    assert q is sub and v is sub
+    assert torch.equal(k, sub + code.codes(16, 32, "cpu", torch.float32))
+    assert float((k - sub)[0].norm(dim=-1).mean()) == pytest.approx(0.5 * math.sqrt(32), rel=1e-5)
+    # generation: only the region's queries are coded, each with its offset's code
+    code.region = mask[:, None]
+    q, k, v = code(n, n, n, {**here, "activations_shape": [2, 32, 8, 8], "original_shape": [2, 4, 8, 8],
+                                STATUS_KEY: Generation(SignatureBank(), reading_cond=0)})
+    assert k is n and v is n
+    grid, plain = q.view(2, 8, 8, 32), n.view(2, 8, 8, 32)
+    table = code.codes(16, 32, "cpu", torch.float32)
+    assert torch.equal(grid[0, 3, 6], plain[0, 3, 6] + table[6])
+    assert torch.equal(grid[1, 3, 0], plain[1, 3, 0] + table[12])
+    assert torch.equal(grid[~inside], plain[~inside])
+    # a coarser layer's cell: the mean of the codes of the latent cells it covers, in both passes, so an
+    # aligned region cell carries exactly the code of its subject cell and a cell on the region's edge a part
+    coarse = {**here, "activations_shape": [2, 32, 4, 4], "original_shape": [2, 4, 8, 8]}
+    q2, _, _ = code(torch.zeros(2, 16, 32), None, None, coarse)
+    q2 = q2.view(2, 4, 4, 32)
+    torch.testing.assert_close(q2[1, 1, 1], table[[10, 11, 14, 15]].mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(q2[0, 1, 2], table[[0, 1, 4, 5]].mean(0), rtol=0, atol=1e-6)
+    shifted = torch.zeros(2, 1, 8, 8)
+    shifted[:, :, 1:5, 1:5] = 1  # off the coarse grid: the corner cell covers one region cell, offset (0, 0)
+    code.region = shifted
+    q3 = code(torch.zeros(2, 16, 32), None, None, coarse)[0].view(2, 4, 4, 32)
+    torch.testing.assert_close(q3[0, 0, 0], table[0] / 4, rtol=0, atol=1e-6)
+    torch.testing.assert_close(q3[0, 1, 1], table[[5, 6, 9, 10]].mean(0), rtol=0, atol=1e-6)
+    _, k2, _ = code(torch.zeros(1, 4, 32), None, None, {**coarse, "activations_shape": [1, 32, 2, 2],
+                                                        "original_shape": [1, 4, 4, 4],
+                                                        STATUS_KEY: Extraction(SignatureBank(), ())})
+    torch.testing.assert_close(k2[0, 3], table[[10, 11, 14, 15]].mean(0), rtol=0, atol=1e-6)
+    # a layer that is not recycled is left alone
+    other = {"block": ("input", 1), "block_index": 0, "activations_shape": [2, 32, 8, 8],
+             "original_shape": [2, 4, 8, 8]}
+    assert code(n, n, n, other)[0] is n
+
+
+def test_the_coded_layout_runs_the_packs_recycling_and_banks_coded_keys():
+    """On the micro UNet through the pack's anylogo_forward: scale 0 is the uncoded model exactly; with a code
+    the first recycled layer's banked subject keys differ from the uncoded ones by W_k·code and its values not at
+    all (the code reaches that layer's key projection in the extraction pass and the bank holds it), and the
+    output changes."""
+    from lab import anylogo_data
+    from lab.micro_models import MICRO_DINOV2
+    from lab.position_code import CodedLayout, PositionCode
+    from model_patches.anylogo import extract_signatures
+    from model_patches.image_context import ImageContextPatch, ImageProjection
+    from train.anylogo_step import RecyclingLayout, anylogo_forward
+
+    model, _ = build_micro_model(seed=1)
+    data = anylogo_data.build(S.make_pairs(2, S.HELD_OUT_SUBJECTS, 2, seed=2), build_micro_image_encoder(seed=0))
+    layout = RecyclingLayout.of(model, "decoder", False, len(data.tokens))
+    projection = ImageProjection(MICRO_DINOV2["hidden_size"], layout.context_dim)
+    g = torch.Generator().manual_seed(4)
+    sigma = model.model_sampling.sigmas[[500, 800]].float()
+    x = data.z0 + torch.randn(data.z0.shape, generator=g) * sigma.view(-1, 1, 1, 1)
+    subject_noise = torch.randn(data.subject.shape, generator=g)
+    context = ImageContextPatch(projection, data.tokens, layout.group_of)
+    outs = []
+    with torch.no_grad():
+        for scale in (None, 0.0, 1.0):
+            lay = layout if scale is None else CodedLayout(layout, scale)
+            if scale is not None:
+                lay.set_region(data.concat[:, :1])
+            outs.append(anylogo_forward(model, lay, x, sigma, data.concat, data.subject, subject_noise, context))
+        assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+        slot = layout.slots[0]
+        zero_ctx = torch.zeros(2, 1, layout.context_dim)
+        banks = []
+        for lay in (layout, CodedLayout(layout, 1.0)):
+            options = lay.transformer_options(context, True)
+            banks.append(extract_signatures(model, data.subject, subject_noise, sigma, zero_ctx, [slot], options,
+                                            in_channels=layout.in_channels))
+    k_plain, k_coded = (b.keys[slot.key] for b in banks)
+    v_plain, v_coded = (b.values[slot.key] for b in banks)
+    assert slot.block == "output"
+    attn1 = model.diffusion_model.output_blocks[slot.block_id][1].transformer_blocks[slot.block_index].attn1
+    assert torch.equal(v_plain, v_coded)  # values are never coded
+    side = data.subject.shape[-1]  # the 4x4 subject latent: 16 offsets, pooled to the layer's grid
+    width = attn1.to_k.in_features
+    table = PositionCode(1.0, [slot.key]).codes(side * side, width, "cpu", torch.float32)
+    factor = side // int(math.isqrt(k_plain.shape[1]))
+    assert factor == 2 ** slot.level
+    grid = torch.nn.functional.avg_pool2d(table.T.reshape(1, width, side, side), factor).flatten(2)[0].T
+    with torch.no_grad():
+        coded_part = attn1.to_k(grid)
+    torch.testing.assert_close(k_coded - k_plain, coded_part.expand_as(k_plain), rtol=1e-4, atol=1e-5)

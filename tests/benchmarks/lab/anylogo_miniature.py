@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from lab import anylogo_data, evaluation, subjects as S  # noqa: E402
 from lab.attention_probe import ProbedLayout, SelectivityStats, SideBySideProbe  # noqa: E402
 from lab.micro_models import MICRO_DINOV2, UNET_SHAPES, build_micro_image_encoder, build_micro_model  # noqa: E402
+from lab.position_code import CodedLayout  # noqa: E402
 from lab.pretraining import PRETRAIN_TASKS, pretrain  # noqa: E402
 from model_patches.diagnostics import attention_report  # noqa: E402
 from model_patches.image_context import ImageContextPatch, ImageProjection  # noqa: E402
@@ -105,6 +106,12 @@ def side_by_side(z0, concat, subject, gap: int = 0):
     return torch.cat([z0, column], dim=-1), torch.cat([mask, torch.cat([concat[:, 1:], column], dim=-1)], dim=1)
 
 
+def set_region(layout, concat: torch.Tensor) -> None:
+    """Hand the rows' region masks to the position code, where the layout carries one (``--position-code``)."""
+    if hasattr(layout, "set_region"):
+        layout.set_region(concat[:, :1])
+
+
 def image_context(projection, tokens, layout, use_tokens: bool):
     if not use_tokens:
         tokens = [torch.zeros_like(t) for t in tokens]
@@ -127,6 +134,7 @@ def region_errors(model, layout, projection, arm: Arm, candidates, *, read: bool
         subject_noise = torch.randn(first.subject.shape, generator=gen).to(device)
         sigma = model.model_sampling.sigmas[t].float().expand(n).to(device)
         z0, concat = first.z0.to(device), first.concat.to(device)
+        set_region(layout, concat)
         x = noised(model, z0, noise, sigma)
         for k, cand in enumerate(candidates):
             cand = (cand if rows is None else cand.rows(rows)).to(device)
@@ -174,6 +182,7 @@ def copy_selectivity(model, data, rows, *, device="cpu", timesteps=TABLE_TIMESTE
 def extraction_gradient_share(model, layout, projection, arm, batch, draws) -> float:
     """||g - g_detached|| / ||g||: the part of the UNet's gradient that flows back through the extraction pass."""
     grads = []
+    set_region(layout, batch.concat)
     for detach in (False, True):
         model.zero_grad(set_to_none=True)
         loss, _ = anylogo_loss(model, layout, batch.z0, batch.concat, batch.subject,
@@ -189,6 +198,7 @@ def setting_tag(args) -> str:
     """The geometry of a run: '' for the default (scale 1, two-level UNet), else e.g. 'x2-1lvl'."""
     parts = ([f"x{args.scale}"] if args.scale != 1 else []) + (["1lvl"] if args.unet_shape == "one-level" else [])
     parts += [f"gap{args.copy_gap}"] if args.copy_gap else []
+    parts += [f"pos{args.position_code:g}"] if args.position_code else []
     return "-".join(parts)
 
 
@@ -240,6 +250,10 @@ def train_arm(name: str, seed: int, pool, candidates, args, base: dict | None = 
     if base is not None:  # fork from the pretrained base: the same start for every arm and seed
         model.diffusion_model.load_state_dict(base)
     layout = RecyclingLayout.of(model, arm.positions, False, len(pool.tokens))
+    if args.position_code:
+        if arm.side_by_side:
+            raise ValueError("--position-code codes a region and a separate subject pass; side_by_side has neither")
+        layout = CodedLayout(layout, args.position_code)
     projection = ImageProjection(MICRO_DINOV2["hidden_size"], layout.context_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7)
@@ -267,6 +281,7 @@ def train_arm(name: str, seed: int, pool, candidates, args, base: dict | None = 
             z0, concat = side_by_side(z0, concat, batch.subject, args.copy_gap)
             column = torch.randn(z0.shape[:3] + (z0.shape[3] - batch.z0.shape[3],), generator=column_gen)
             noise = torch.cat([noise, column], dim=-1)
+        set_region(layout, concat)
         loss, region_loss = anylogo_loss(model, layout, z0, concat, batch.subject,
                                          image_context(projection, tokens, layout, arm.tokens),
                                          sigmas[t].to(device), noise.to(device), subject_noise.to(device), keep)
@@ -291,7 +306,7 @@ def train_arm(name: str, seed: int, pool, candidates, args, base: dict | None = 
     train_seconds = time.perf_counter() - started
     result = {"arm": name, "seed": seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "encoder_pool": args.encoder_pool, "init": init_tag(args), "scale": args.scale,
-              "unet_shape": args.unet_shape, "copy_gap": args.copy_gap,
+              "unet_shape": args.unet_shape, "copy_gap": args.copy_gap, "position_code": args.position_code,
               "train_seconds": train_seconds, "curve": curve, "slots": [s.name for s in layout.slots]}
     result["eval_timesteps"] = list(EVAL_TIMESTEPS)
     for read in (True, False):
@@ -517,6 +532,9 @@ def main(argv=None) -> None:
     parser.add_argument("--copy-gap", type=int, default=0,
                         help="known grey latent columns between the scene and the subject in the side-by-side input "
                              "(copy pretraining, the control, the copy-selectivity probe)")
+    parser.add_argument("--position-code", type=float, default=0.0,
+                        help="scale of a fixed code of each cell's offset on the subject's keys and the region's "
+                             "queries (lab/position_code.py; 1 = the norm of the attention input; 0: none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="", help="folder for one JSON per (arm, seed); reruns skip those present")
