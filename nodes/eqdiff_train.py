@@ -124,7 +124,10 @@ class EqDiffTrainSubject:
             bar.update_absolute(step, steps)
             logging.info(f"{NODE} {name}: step {step}/{steps} loss {loss:.4f}")
 
-        run_dir = Path(tempfile.mkdtemp(prefix=f"eqdiff_{name}_", dir=folder_paths.get_temp_directory()))
+        # ComfyUI removes its temp folder at start-up and recreates it only when a preview is saved
+        temp = Path(folder_paths.get_temp_directory())
+        temp.mkdir(parents=True, exist_ok=True)
+        run_dir = Path(tempfile.mkdtemp(prefix=f"eqdiff_{name}_", dir=temp))
         try:
             # ComfyUI runs nodes under inference_mode; training needs autograd back
             with torch.inference_mode(False), torch.enable_grad():

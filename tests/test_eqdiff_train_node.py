@@ -59,6 +59,22 @@ def test_training_under_inference_mode_installs_three_loadable_files(comfy, fold
         call(comfy, "node_disc")
 
 
+def test_the_node_runs_where_comfyuis_temp_folder_does_not_exist_yet(comfy, folders, tmp_path):
+    """A server removes its temp folder at start-up and recreates it only when a preview is saved: the node makes
+    its own working folder there anyway (measured before the fix: FileNotFoundError on a fresh ComfyUI)."""
+    import folder_paths
+
+    before = folder_paths.get_temp_directory()
+    missing = tmp_path / "not_yet" / "temp"
+    folder_paths.set_temp_directory(str(missing))
+    try:
+        with torch.inference_mode(), pytest.raises(ValueError, match="tokens in CLIP's tokenizer"):
+            call(comfy, "node_no_temp", placeholder="qwertyzxcv")  # several tokens: the trainer's first check
+        assert missing.is_dir() and not any(missing.iterdir())  # made, and the run's folder removed again
+    finally:
+        folder_paths.set_temp_directory(before)
+
+
 def test_an_interrupt_mid_run_writes_nothing_and_leaves_comfyui_usable(comfy, folders):
     import comfy.model_management as mm
     import comfy.utils as cu
