@@ -64,10 +64,12 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
     into a weight difference of up to lr per step, and later gradients are taken at those weights. P3S has many
     such entries: copy weights reached only through the zero-initialised projections get exactly zero
     gradient at the first step and tiny ones after (the projections are then of order lr), which AdamW
-    normalises to steps of order lr, rounding differences included. So the final first moment (the averaged gradients, linear in them) is compared at 1e-4 of its largest entry (measured
-    8e-6), the weights at STEPS·lr (measured 1.5e-4) with 90 % within 1e-7 (measured 93.9 %; AnyLogo's trainer,
-    without zero-initialised branches, has 98.9 %). A gradient summed instead of averaged, or one rank's sample
-    missing, moves the first moment by order 1."""
+    normalises to steps of order lr, rounding differences included. So the final first moment (the averaged
+    gradients, linear in them) is compared at 1e-4 of its largest entry (measured 8e-6 and 2.8e-5 on two
+    machines), the weights at STEPS·lr (measured 1.5e-4 and 3.2e-4) with 75 % within 1e-7 (measured 93.9 % and
+    90.0 %: how many rounding differences AdamW amplifies depends on the CPU's kernels; AnyLogo's trainer, without
+    zero-initialised branches, has 98.9 %). A gradient summed instead of averaged, or one rank's sample missing,
+    moves the first moment by order 1 and every trained weight by far more than 1e-7."""
     a, b = _final(runs["ddp"]), _final(runs["single"])
     assert a["trainable_names"] == b["trainable_names"]
     assert "copy.gates" in b["trainable_names"] and any(n.startswith("rngr.") for n in b["trainable_names"])
@@ -85,7 +87,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
     print(f"first moment max |diff| {worst:.3g} of {scale:.3g}; weights max |diff| {float(diff.max()):.3g}, "
           f"{float((diff <= 1e-7).float().mean()):.4f} within 1e-7")
     assert scale > 0 and worst <= 1e-4 * scale
-    assert float(diff.max()) <= STEPS * 1e-3 and float((diff <= 1e-7).float().mean()) >= 0.9  # lr 1e-3
+    assert float(diff.max()) <= STEPS * 1e-3 and float((diff <= 1e-7).float().mean()) >= 0.75  # lr 1e-3
     events = [r for r in _log(runs["ddp"]) if r.get("event") == "checkpoint"]
     assert [e["step"] for e in events] == [2, 4]
     assert all(len(e["rank_digests"]) == 2 and len(set(e["rank_digests"])) == 1 for e in events)  # same weights
