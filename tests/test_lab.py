@@ -169,12 +169,13 @@ def test_the_selectivity_probe_computes_its_equation_and_is_uniform_for_content_
     assert region_tokens(mask, 16).view(4, 4).int().tolist() == [[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0]]
 
 
-def test_the_probe_reads_the_recycled_layers_without_changing_the_generation():
+def micro_anylogo_inputs():
+    """(micro model, 2 held-out pairs, decoder RecyclingLayout, DINOv2 projection, noised scenes, sigmas, subject
+    noise): the inputs of one AnyLogo forward on the micro UNet, seeded."""
     from lab import anylogo_data
-    from lab.attention_probe import ProbedLayout, SelectivityStats
     from lab.micro_models import MICRO_DINOV2
-    from model_patches.image_context import ImageContextPatch, ImageProjection
-    from train.anylogo_step import RecyclingLayout, anylogo_forward
+    from model_patches.image_context import ImageProjection
+    from train.anylogo_step import RecyclingLayout
 
     model, _ = build_micro_model(seed=1)
     data = anylogo_data.build(S.make_pairs(2, S.HELD_OUT_SUBJECTS, 2, seed=2), build_micro_image_encoder(seed=0))
@@ -184,6 +185,15 @@ def test_the_probe_reads_the_recycled_layers_without_changing_the_generation():
     sigma = model.model_sampling.sigmas[[500, 800]].float()
     x = data.z0 + torch.randn(data.z0.shape, generator=g) * sigma.view(-1, 1, 1, 1)
     subject_noise = torch.randn(data.subject.shape, generator=g)
+    return model, data, layout, projection, x, sigma, subject_noise
+
+
+def test_the_probe_reads_the_recycled_layers_without_changing_the_generation():
+    from lab.attention_probe import ProbedLayout, SelectivityStats
+    from model_patches.image_context import ImageContextPatch
+    from train.anylogo_step import anylogo_forward
+
+    model, data, layout, projection, x, sigma, subject_noise = micro_anylogo_inputs()
     stats = SelectivityStats()
     with torch.no_grad():
         outs = [anylogo_forward(model, lay, x, sigma, data.concat, data.subject, subject_noise,
@@ -443,21 +453,12 @@ def test_the_coded_layout_runs_the_packs_recycling_and_banks_coded_keys():
     the first recycled layer's banked subject keys differ from the uncoded ones by W_k·code and its values not at
     all (the code reaches that layer's key projection in the extraction pass and the bank holds it), and the
     output changes."""
-    from lab import anylogo_data
-    from lab.micro_models import MICRO_DINOV2
     from lab.position_code import CodedLayout, PositionCode
     from model_patches.anylogo import extract_signatures
-    from model_patches.image_context import ImageContextPatch, ImageProjection
-    from train.anylogo_step import RecyclingLayout, anylogo_forward
+    from model_patches.image_context import ImageContextPatch
+    from train.anylogo_step import anylogo_forward
 
-    model, _ = build_micro_model(seed=1)
-    data = anylogo_data.build(S.make_pairs(2, S.HELD_OUT_SUBJECTS, 2, seed=2), build_micro_image_encoder(seed=0))
-    layout = RecyclingLayout.of(model, "decoder", False, len(data.tokens))
-    projection = ImageProjection(MICRO_DINOV2["hidden_size"], layout.context_dim)
-    g = torch.Generator().manual_seed(4)
-    sigma = model.model_sampling.sigmas[[500, 800]].float()
-    x = data.z0 + torch.randn(data.z0.shape, generator=g) * sigma.view(-1, 1, 1, 1)
-    subject_noise = torch.randn(data.subject.shape, generator=g)
+    model, data, layout, projection, x, sigma, subject_noise = micro_anylogo_inputs()
     context = ImageContextPatch(projection, data.tokens, layout.group_of)
     outs = []
     with torch.no_grad():
