@@ -8,7 +8,13 @@
 
 On CPU the absolute times mean little; the ratios are what to read.
 
+``--train-node`` times the **P3S Train Subject** node itself, as ComfyUI's executor runs it (under
+inference_mode, its ProgressBar hooked), with its default schedule (60 epochs at 512 px, lr 1e-5) on the tiny
+checkpoint and a random full-layout CLIP ViT-L/14: wall time, and time per training step from the progress
+callbacks (the rest is loading, the mask, the reference and the export).
+
     COMFYUI_PATH=/opt/ComfyUI python tests/benchmarks/bench_p3s.py [--full] [--side 512] [--steps 2] [--skip-tiny]
+    COMFYUI_PATH=/opt/ComfyUI python tests/benchmarks/bench_p3s.py --skip-tiny --train-node [--epochs 60]
 """
 from __future__ import annotations
 
@@ -170,6 +176,45 @@ def training(model, clip, repeats):
         print(f"{name:<46}{value:>8.3f} s{value / first:>8.2f}x")
 
 
+def train_node(nodes, epochs: int, resolution: int) -> None:
+    """Wall time of P3S Train Subject's default schedule, as a ComfyUI user runs it (two look-alikes, one click
+    each)."""
+    import tempfile
+
+    import comfy.utils
+    import folder_paths
+
+    folder_paths.add_model_folder_path("p3s", tempfile.mkdtemp(prefix="bench_p3s_node_"), is_default=True)
+    image = torch.full((1, resolution, resolution, 3), 0.2)
+    third = resolution // 3
+    image[:, third:2 * third, resolution // 16:resolution // 16 + third] = torch.tensor([0.9, 0.1, 0.1])
+    image[:, third:2 * third, resolution // 2:resolution // 2 + third] = torch.tensor([0.9, 0.15, 0.1])
+    ticks = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None:
+                                             ticks.append((value, time.perf_counter())))
+    node = nodes.NODE_CLASS_MAPPINGS["SC_P3STrainSubject"]()
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode():  # how ComfyUI's executor calls every node
+            node.train(ckpt_name="tiny_sd15.safetensors", clip_vision_name="random_clip_vit_l.safetensors",
+                       image=image, positive_points=f"{resolution // 16 + third // 2},{resolution // 2}",
+                       negative_points=f"{resolution // 2 + third // 2},{resolution // 2}", class_word="toy",
+                       identifier="sks", name="bench_node", epochs=epochs, learning_rate=1e-5,
+                       resolution=resolution, seed=0)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    wall = time.perf_counter() - started
+    first_at = {}
+    for value, t in ticks:  # the time each step count was first reported
+        first_at.setdefault(value, t)
+    done = sorted(v for v in first_at if v >= 1)
+    per_step = ((first_at[done[-1]] - first_at[done[0]]) / (done[-1] - done[0]) if len(done) > 1
+                else float("nan"))
+    print(f"P3S Train Subject, {epochs} epochs at {resolution} px on the tiny SD1.5: {wall:.0f} s wall, "
+          f"{per_step:.2f} s per step after the first, {wall - per_step * epochs:.0f} s outside the steps "
+          f"(load, mask, reference, export)")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--full", action="store_true", help="also the full-size SD1.5 UNet (slow on CPU)")
@@ -179,14 +224,21 @@ def main():
     parser.add_argument("--tiny-steps", type=int, default=6, help="sampling steps per measurement, tiny UNet "
                         "(enough that the per-call set-up of comfy.sample does not dominate)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-node", action="store_true", help="time P3S Train Subject's default schedule")
+    parser.add_argument("--epochs", type=int, default=60, help="--train-node: epochs (the node's default 60)")
+    parser.add_argument("--resolution", type=int, default=512, help="--train-node: the node's default 512")
     args = parser.parse_args()
 
     from standalone import tiny_models
     from standalone.runner import init_comfyui, quiet_comfyui_logging
 
     quiet_comfyui_logging()
-    nodes = init_comfyui(extra_model_dirs={"checkpoints": tiny_models.build_sd15_checkpoint(
-        tiny_models.default_cache_dir() / "checkpoints" / "tiny_sd15.safetensors").parent})
+    cache = tiny_models.default_cache_dir()
+    dirs = {"checkpoints": tiny_models.build_sd15_checkpoint(cache / "checkpoints" / "tiny_sd15.safetensors").parent}
+    if args.train_node:
+        dirs["clip_vision"] = tiny_models.build_full_layout_vision_file(
+            cache / "clip_vision" / "random_clip_vit_l.safetensors", "clip_vit_l").parent
+    nodes = init_comfyui(extra_model_dirs=dirs)
     model, clip = nodes.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.safetensors")[:2]
     positive = nodes.CLIPTextEncode().encode(clip, "a photo of sks toy")[0]
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
@@ -197,6 +249,8 @@ def main():
     if args.full:
         sampling("full-size SD1.5 UNet (random weights)", bench_anylogo.full_size_sd15_patcher(False), positive,
                  negative, args.side, args.steps, args.repeats, profile=True)
+    if args.train_node:
+        train_node(nodes, args.epochs, args.resolution)
 
 
 if __name__ == "__main__":
