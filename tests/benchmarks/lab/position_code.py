@@ -14,9 +14,10 @@ pack's ``RecyclingAttention`` banks and reads the coded keys unchanged):
   keys get none, so the only keys a coded query can match are the banked subject keys.
 
 Only the recycled layers are coded (elsewhere no key could answer a coded query), and values never are (a copy
-must bring the subject's content, not the code). code(o) is one of a fixed set
-of orthonormal vectors of the layer's width (seeded), times ``scale``·sqrt(width): ``scale`` 1 gives the code the
-norm of a LayerNorm output. The code is a lab device, not part of the pack.
+must bring the subject's content, not the code). Offsets are counted in latent cells: code(o) is one of a fixed
+set of orthonormal vectors of the layer's width (seeded), times ``scale``·sqrt(width) (``scale`` 1: the norm of a
+LayerNorm output); a coarser layer's cell gets the mean code of the latent cells it covers, in both passes. The
+code is a lab device, not part of the pack.
 """
 from __future__ import annotations
 
